@@ -1,0 +1,1 @@
+"""Verification (insightface `.bin` packs, 10-fold accuracy), pack building and export."""

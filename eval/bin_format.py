@@ -1,0 +1,119 @@
+"""insightface verification-pack (`<name>.bin`) format: one writer and one safe reader.
+
+A pack is ``pickle.dump((bins, issame_list))`` where ``bins`` holds 2N encoded images (pair i is
+``bins[2i], bins[2i+1]``) and ``issame_list`` holds N booleans (spec §2.7). Packs in the wild were
+written by Python 2 (``str`` payloads, read back with ``encoding='bytes'``) and by Python 3 (``bytes``,
+or the ``np.ndarray`` returned by ``cv2.imencode``).
+
+A ``.bin`` is a pickle, and ``pickle.load`` runs whatever callable the file names. ``read_bin`` uses
+a restricted unpickler that resolves only the handful of globals real packs use (numpy array
+reconstruction and ``_codecs.encode`` for protocol-2 bytes), so a malicious pack fails instead of
+executing code. Both the data layer (dataset tools) and ``eval`` use this module.
+"""
+import io
+import os
+import pickle
+import tempfile
+
+import numpy as np
+
+# (module, name) pairs a genuine pack may reference. numpy 2 writes `numpy._core`; numpy 1.x
+# reads the same objects from `numpy.core`.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+    ("builtins", "bytearray"),
+    ("__builtin__", "bytearray"),
+}
+
+
+class PackFormatError(ValueError):
+    """A `.bin` pack that is not a valid insightface verification pack (message says why)."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refusing to load global '{module}.{name}': a verification pack only contains "
+                "encoded images and booleans (this file may be malicious or not a .bin pack)")
+        if module.startswith("numpy._core"):
+            module = module.replace("numpy._core", "numpy.core", 1)
+        return super().find_class(module, name)
+
+
+def _to_bytes(obj, index, path):
+    if isinstance(obj, (bytes, bytearray)):
+        return bytes(obj)
+    if isinstance(obj, np.ndarray):  # cv2.imencode output stored by build_eval_pack.py
+        return obj.tobytes()
+    if isinstance(obj, str):  # a Py2 `str` read with encoding='latin1' would land here
+        return obj.encode("latin1")
+    raise PackFormatError(f"{path}: image {index} is a {type(obj).__name__}, expected encoded image bytes")
+
+
+def read_bin(path):
+    """Read a pack safely and validate its structure.
+
+    Returns
+    -------
+    bins : list of bytes, length 2N (encoded images; pair i = bins[2i], bins[2i+1])
+    issame : list of bool, length N
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"verification pack not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(raw)).load()
+    except UnicodeDecodeError:
+        # Python-2 packs store images as `str`; decode them as raw bytes.
+        try:
+            obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        except pickle.UnpicklingError as exc:
+            raise PackFormatError(f"{path}: {exc}") from None
+    except pickle.UnpicklingError as exc:
+        raise PackFormatError(f"{path}: {exc}") from None
+    except Exception as exc:  # truncated / not a pickle at all
+        raise PackFormatError(f"{path}: not a readable verification pack ({type(exc).__name__}: {exc})") from None
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        raise PackFormatError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}")
+    bins, issame = obj
+    if not isinstance(bins, (list, tuple)) or not isinstance(issame, (list, tuple, np.ndarray)):
+        raise PackFormatError(f"{path}: expected (list of images, list of booleans)")
+    if len(bins) % 2:
+        raise PackFormatError(f"{path}: {len(bins)} images is odd; a pack holds two images per pair")
+    if len(bins) != 2 * len(issame):
+        raise PackFormatError(
+            f"{path}: {len(bins)} images but {len(issame)} issame labels; expected exactly 2 images per label")
+    bins = [_to_bytes(b, i, path) for i, b in enumerate(bins)]
+    return bins, [bool(x) for x in issame]
+
+
+def write_bin(path, bins, issame):
+    """Write ``(bins, issame)`` atomically in insightface's format (readable by upstream ``load_bin``).
+
+    ``bins``: 2N encoded images (bytes); ``issame``: N booleans.
+    """
+    bins = [bytes(b) if not isinstance(b, np.ndarray) else b.tobytes() for b in bins]
+    issame = [bool(x) for x in issame]
+    if len(bins) != 2 * len(issame):
+        raise ValueError(f"write_bin({path}): {len(bins)} images for {len(issame)} pairs; need 2 per pair")
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump((bins, issame), f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
