@@ -1,0 +1,286 @@
+"""``FaceImageIter``: insightface's softmax-training iterator over an insightface ``.rec`` (spec §3).
+
+Differences from upstream, all deliberate:
+
+* decoding and augmentation run in worker threads with a prefetch window (``cv2.imdecode`` and
+  ``os.pread`` release the GIL), while every random decision (order, mirror, colour, cutoff) is
+  drawn in the calling thread from one seeded generator per epoch: batches are identical for any
+  ``num_workers`` (0 = decode inline);
+* ``shuffle=False`` iterates the image records in identity order (upstream reads the file
+  sequentially and so also yields the header and identity records as "images");
+* a label outside ``0..num_classes-1`` raises, naming the record; a record that does not decode
+  is skipped, counted (``num_corrupt``) and logged;
+* ``mean`` is refused: the networks normalise ``(x - 127.5) * 0.0078125`` inside the graph and
+  upstream's ``mean`` path would normalise twice;
+* no ``**kwargs``: unknown arguments raise ``TypeError``. ``ctx_num`` is accepted and ignored, as
+  upstream's ``**kwargs`` did.
+"""
+import collections
+import concurrent.futures
+import logging
+import math
+import os
+
+import mxnet as mx
+import numpy as np
+
+from iterators import augment
+from iterators.recordio import FaceRecordReader, RecordFormatError, read_property
+
+logger = logging.getLogger(__name__)
+
+CUTOFF_FILL = 128  # insightface FaceImageIter fills the cut-off square with 128
+_CHUNK = 8  # samples per worker task: amortises executor overhead, small enough to balance
+
+
+class FaceImageIter(mx.io.DataIter):
+    """Batches of RGB faces from an insightface ``.rec`` for softmax/margin training.
+
+    Parameters
+    ----------
+    batch_size : int
+        B, images per batch (insightface: ``per_batch_size * num_devices``).
+    data_shape : (3, H, W)
+        Shape of one sample; the first entry must be 3.
+    path_imgrec : str
+        ``train.rec``; ``train.idx`` must be beside it (``path[:-4] + '.idx'``).
+    shuffle : bool
+        Reshuffle the image order at every ``reset()``.
+    aug_list : list of callables or None
+        Extra augmenters ``f(img, rng) -> img`` on HWC RGB arrays, applied after the built-in
+        ones; ``rng`` is a ``numpy.random.Generator`` seeded per sample from the iterator's
+        generator (so they stay deterministic with workers). Upstream accepted and ignored it.
+    mean : None
+        Must be None (see module docstring); anything else raises ``ValueError``.
+    rand_mirror : bool
+        Horizontal flip with probability 1/2.
+    cutoff : int
+        Side (pixels) of a square set to 128 with probability 1/2 (0 = off).
+    color_jittering : int
+        0 off; 1 brightness/contrast/saturation jitter of ±0.125 in random order; >1 additionally
+        JPEG re-compression (quality 2..20) with probability 1/2 first. Produces unclipped floats.
+    images_filter : int
+        Identities with fewer images are skipped (labels are not remapped, as upstream).
+    data_name, label_name : str
+        Names of the data/label inputs (``data`` / ``softmax_label``).
+    num_workers : int
+        Decode threads (0 = decode in the calling thread).
+    seed : int or None
+        Seed of order and augmentation; None = fresh entropy.
+    num_classes : int or None
+        C; None reads it from the ``property`` file beside ``path_imgrec``.
+    prefetch : int
+        Batches decoded ahead of the consumer.
+    ctx_num : int or None
+        Accepted for insightface compatibility and ignored (upstream took it through ``**kwargs``).
+
+    Outputs
+    -------
+    ``next()`` returns ``mx.io.DataBatch(data=[B x 3 x H x W float32, RGB 0..255],
+    label=[B float32 class ids], pad=0)``. An epoch yields ``floor(N / B)`` batches (the incomplete
+    last batch is dropped, as upstream); then ``StopIteration`` until ``reset()``.
+    """
+
+    def __init__(self, batch_size, data_shape, path_imgrec, shuffle=False, aug_list=None, mean=None,
+                 rand_mirror=False, cutoff=0, color_jittering=0, images_filter=0, data_name="data",
+                 label_name="softmax_label", num_workers=2, seed=None, num_classes=None, prefetch=2,
+                 ctx_num=None):
+        super().__init__(batch_size)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+            raise ValueError(f"FaceImageIter: batch_size must be a positive integer, got {batch_size!r}")
+        data_shape = tuple(int(v) for v in data_shape)
+        if len(data_shape) != 3 or data_shape[0] != 3:
+            raise ValueError(f"FaceImageIter: data_shape must be (3, H, W), got {data_shape}")
+        if not path_imgrec:
+            raise ValueError("FaceImageIter: path_imgrec is required (path of train.rec)")
+        if mean is not None:
+            raise ValueError(
+                f"FaceImageIter: mean={mean!r} is not supported: the network already normalises its input "
+                "((x - 127.5) * 0.0078125), so subtracting a mean here would normalise twice. Pass mean=None")
+        if aug_list is not None and not all(callable(a) for a in aug_list):
+            raise ValueError("FaceImageIter: aug_list must be a list of callables f(img, rng) -> img")
+        for name, value in (("cutoff", cutoff), ("color_jittering", color_jittering),
+                            ("images_filter", images_filter), ("num_workers", num_workers)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"FaceImageIter: {name} must be a non-negative integer, got {value!r}")
+        if int(prefetch) < 1:
+            raise ValueError(f"FaceImageIter: prefetch must be >= 1 batch, got {prefetch!r}")
+        self.batch_size = int(batch_size)
+        self.data_shape = data_shape
+        self.image_size = data_shape[1:]
+        self.path_imgrec = os.fspath(path_imgrec)
+        self.shuffle = bool(shuffle)
+        self.aug_list = list(aug_list) if aug_list else []
+        self.rand_mirror = bool(rand_mirror)
+        self.cutoff = int(cutoff)
+        self.color_jittering = int(color_jittering)
+        self.images_filter = int(images_filter)
+        self.num_workers = int(num_workers)
+        self.prefetch = int(prefetch)
+        self.ctx_num = ctx_num
+
+        self.reader = FaceRecordReader(self.path_imgrec)
+        data_dir = os.path.dirname(os.path.abspath(self.path_imgrec))
+        if num_classes is None:
+            try:
+                num_classes, prop_size = read_property(data_dir)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"FaceImageIter: {exc}; or pass num_classes explicitly") from None
+            if tuple(prop_size) != tuple(self.image_size):
+                logger.warning("%s/property says images are %dx%d but data_shape is %s; images whose height "
+                               "differs are resized (resize_short) and must then be %dx%d", data_dir,
+                               prop_size[0], prop_size[1], data_shape, *self.image_size)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes <= 0:
+            raise ValueError(f"FaceImageIter: num_classes must be a positive integer, got {num_classes!r}")
+        self.num_classes = int(num_classes)
+
+        self.header0 = self.reader.header0
+        if self.header0 is not None:
+            logger.info("header0 label %s", self.header0)
+            self.id2range = {i: r for i, r in self.reader.id2range.items() if r[1] - r[0] >= self.images_filter}
+            self.imgidx = [k for a, b in self.id2range.values() for k in range(a, b)]
+            logger.info("id2range %d", len(self.id2range))
+        else:
+            if self.images_filter:
+                raise ValueError(f"FaceImageIter: images_filter={images_filter} needs identity records, but "
+                                 f"{self.path_imgrec} has no insightface header (record 0 with flag > 0)")
+            self.id2range = {}
+            self.imgidx = list(self.reader.imgidx)
+        if len(self.imgidx) < self.batch_size:
+            raise ValueError(
+                f"FaceImageIter: {self.path_imgrec} has {len(self.imgidx)} usable images (images_filter="
+                f"{self.images_filter}), fewer than batch_size={self.batch_size}: no batch can be formed")
+
+        self.data_name, self.label_name = data_name, label_name
+        self.provide_data = [mx.io.DataDesc(data_name, (self.batch_size,) + data_shape)]
+        self.provide_label = [mx.io.DataDesc(label_name, (self.batch_size,))]
+        self._entropy = np.random.SeedSequence(seed).entropy
+        self._epoch = -1
+        self._executor = (concurrent.futures.ThreadPoolExecutor(self.num_workers, thread_name_prefix="FaceImageIter")
+                          if self.num_workers > 0 else None)
+        self._pending = collections.deque()
+        self._ready = collections.deque()
+        self.seq = np.asarray(self.imgidx, dtype=np.int64)
+        self.cur = 0
+        self.num_corrupt = 0
+        self.is_init = False
+        self._window = max(1, math.ceil(self.prefetch * self.batch_size / _CHUNK))
+
+    # ------------------------------------------------------------------ DataIter contract
+    def reset(self):
+        """Start a new epoch: drop prefetched work, reshuffle (if ``shuffle``), restart at 0."""
+        logger.debug("call reset()")
+        for fut in self._pending:
+            if isinstance(fut, concurrent.futures.Future):
+                fut.cancel()
+        self._pending.clear()
+        self._ready.clear()
+        self._epoch += 1
+        # One generator per epoch, derived from (seed, epoch): draws do not depend on how far the
+        # previous epoch prefetched before reset() was called.
+        self._rng = np.random.default_rng([self._entropy, self._epoch])
+        if self.shuffle:
+            self.seq = self._rng.permutation(np.asarray(self.imgidx, dtype=np.int64))
+        self.cur = 0
+        self.is_init = True
+
+    def next(self):
+        """Next ``DataBatch``; ``StopIteration`` when fewer than ``batch_size`` images remain."""
+        if not self.is_init:
+            self.reset()
+        B = self.batch_size
+        data = np.empty((B,) + self.data_shape, dtype=np.float32)
+        label = np.empty((B,), dtype=np.float32)
+        i = 0
+        while i < B:
+            if not self._ready:
+                self._fill()
+                if not self._pending:
+                    raise StopIteration
+                task = self._pending.popleft()
+                self._ready.extend(task.result() if self._executor is not None else task())
+                self._fill()
+                continue
+            rid, lab, arr, reason = self._ready.popleft()
+            if arr is None:
+                self.num_corrupt += 1
+                logger.warning("%s record %d skipped (corrupt: %s); %d skipped so far", self.path_imgrec,
+                               rid, reason, self.num_corrupt)
+                continue
+            data[i] = arr
+            label[i] = lab
+            i += 1
+        return mx.io.DataBatch(data=[mx.nd.array(data)], label=[mx.nd.array(label)], pad=0,
+                               provide_data=self.provide_data, provide_label=self.provide_label)
+
+    def close(self):
+        """Stop the worker threads (pending work is cancelled)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to release
+            pass
+
+    @property
+    def num_batches(self):
+        """Batches per epoch, ``floor(len(imgidx) / batch_size)`` (before corrupt records are skipped)."""
+        return len(self.imgidx) // self.batch_size
+
+    # ------------------------------------------------------------------ internals
+    def _fill(self):
+        """Submit chunks in sequence order until the prefetch window is full (draws happen here)."""
+        while len(self._pending) < self._window and self.cur < len(self.seq):
+            ids = self.seq[self.cur:self.cur + _CHUNK].tolist()
+            self.cur += len(ids)
+            params = [self._draw() for _ in ids]
+            if self._executor is not None:
+                self._pending.append(self._executor.submit(self._load_chunk, ids, params))
+            else:
+                self._pending.append(lambda ids=ids, params=params: self._load_chunk(ids, params))
+
+    def _draw(self):
+        rng = self._rng
+        mirror = bool(rng.integers(0, 2)) if self.rand_mirror else False
+        color = (augment.draw_color_jitter(rng, jpeg=self.color_jittering > 1)
+                 if self.color_jittering > 0 else None)
+        centre = augment.draw_cutoff(rng, self.image_size, 0.5) if self.cutoff > 0 else None
+        aug_seed = int(rng.integers(0, 2 ** 63)) if self.aug_list else None
+        return mirror, color, centre, aug_seed
+
+    def _load_chunk(self, ids, params):
+        return [self._load(rid, p) for rid, p in zip(ids, params)]
+
+    def _load(self, rid, params):
+        """Read, check, decode and augment one record -> (rid, label, CHW float32 or None, reason)."""
+        mirror, color, centre, aug_seed = params
+        where = f"{self.path_imgrec} record {rid}"
+        try:
+            label, payload = self.reader.read(rid)
+        except RecordFormatError as exc:
+            return rid, None, None, str(exc)
+        if not 0 <= label < self.num_classes:
+            raise ValueError(
+                f"{where}: label {label} is outside 0..{self.num_classes - 1} (num_classes={self.num_classes} "
+                "from property or the num_classes argument); fix the property file or rebuild the .rec")
+        try:
+            img = augment.decode_image(payload, self.image_size, where)
+        except augment.ImageDecodeError as exc:
+            return rid, None, None, str(exc)
+        if mirror:
+            img = augment.mirror(img)
+        if color is not None:
+            img = augment.apply_color_jitter(img, color)
+        if centre is not None:
+            img = augment.apply_cutoff(img, self.cutoff, centre, CUTOFF_FILL)
+        if self.aug_list:
+            rng = np.random.default_rng(aug_seed)
+            for aug in self.aug_list:
+                img = aug(img, rng)
+        return rid, label, augment.to_chw_float(img), None
+
+
+__all__ = ["FaceImageIter"]
