@@ -1,0 +1,404 @@
+"""Configuration: ``configs/base.py`` -> preset chain -> overrides, validated, saved with the run.
+
+API (the triplet trainer codes against it)
+------------------------------------------
+* Presets: ``configs/<name>.py`` is a Python file with a module-level dict ``config`` holding ONLY overrides
+  of ``configs/base.py`` keys, and optionally ``base = "<other preset file name>"`` (resolved relative to the
+  preset's own directory) to build on another preset. Chains are applied root first.
+* :func:`load_config` ``(path=None, overrides=None) -> EasyDict``: base -> preset chain -> overrides. An
+  unknown key, a value of the wrong type or an invalid value raises :class:`ConfigError` naming the key, the
+  source (preset file or "overrides") and, for unknown keys, the closest valid key (``difflib``).
+* :func:`build_arg_parser` / :func:`parse_args` ``(argv, extra_defaults=None, parser=None) -> EasyDict``:
+  insightface's kebab-case flags. Every flag's ``dest`` is a config key, so a caller (``train_triplet``) can
+  add its own flags to the parser returned by :func:`build_arg_parser` with ``dest=<config key>`` and
+  ``default=None`` and they override the config like the built-in ones. Precedence (lowest first):
+  ``configs/base.py`` < ``extra_defaults`` < ``--config`` preset chain < ``--set key=value`` < flags.
+  ``--resume RUN_DIR`` starts from the run's saved ``config.json`` instead, then applies the flags.
+
+Derived values (global batch, ``num_classes`` from ``property``, run directory, checkpoint prefix) are
+computed once by :func:`resolve_run_config` and never by mutating the parsed flags later.
+"""
+import argparse
+import copy
+import difflib
+import importlib.util
+import json
+import logging
+import os
+import re
+
+from easydict import EasyDict as edict
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE_NAME = "config.json"  # resolved config saved in every run directory (read back by --resume)
+
+CKPT_MODES = {0: "none", 1: "best", 2: "always", 3: "best_overwrite"}  # insightface --ckpt meanings
+KVSTORES = ("device", "local", "dist_sync", "dist_device_sync", "dist_async")
+LOSSES = ("softmax", "nsoftmax", "arcface", "arcface_v1", "cosface", "sphereface", "combined", "triplet",
+          "atriplet")
+NET_OUTPUTS = ("E", "GDC", "F", "G", "H", "I", "J", "Z", "FC", "A", "B", "C", "D", "X")
+_CTX_RE = re.compile(r"^cpu(:[1-9][0-9]*)?$")
+_GPUS_RE = re.compile(r"^[0-9]+(,[0-9]+)*$")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used (the message names it and the fix)."""
+
+
+def _base_config():
+    from configs.base import config as base
+    return copy.deepcopy(base)
+
+
+def valid_keys():
+    """Sorted list of every configuration key (the keys of ``configs/base.py``)."""
+    return sorted(_base_config().keys())
+
+
+def _suggest(key, keys):
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(key, value, default, source):
+    """Return ``value`` converted to the type of ``default`` or raise ConfigError naming key and source."""
+    where = f"{source}: config key '{key}'"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("0", "1", "true", "false", "yes", "no"):
+            return value.lower() in ("1", "true", "yes")
+        raise ConfigError(f"{where} must be a boolean (true/false/0/1), got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list (or a comma-separated string), got {value!r}")
+        if default:
+            return [_coerce(f"{key}[{i}]", v, default[0], source) for i, v in enumerate(value)]
+        return list(value)
+    return value
+
+
+def _apply(cfg, overrides, source, keys):
+    for key, value in overrides.items():
+        if key not in keys:
+            raise ConfigError(f"{source}: unknown config key '{key}'{_suggest(key, keys)} "
+                              f"(valid keys are listed in configs/base.py)")
+        cfg[key] = _coerce(key, value, keys[key], source)
+
+
+def _load_preset_chain(path, seen=None):
+    """Return [(path, overrides)] root first for the preset file ``path`` and its ``base`` chain."""
+    path = os.path.abspath(os.fspath(path))
+    seen = seen or []
+    if path in seen:
+        raise ConfigError(f"{path}: preset 'base' chain loops: {' -> '.join(seen + [path])}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path} (give a path such as configs/orl_demo.py)")
+    spec = importlib.util.spec_from_file_location(f"_preset_{len(seen)}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    overrides = getattr(module, "config", None)
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: a preset must define a module-level dict `config` of overrides")
+    chain = []
+    parent = getattr(module, "base", None)
+    if parent:
+        chain = _load_preset_chain(os.path.join(os.path.dirname(path), parent), seen + [path])
+    return chain + [(path, dict(overrides))]
+
+
+def validate(cfg):
+    """Check values (not just types) of a full config; raise ConfigError naming the key and the fix."""
+    def bad(key, why):
+        raise ConfigError(f"config key '{key}' = {cfg[key]!r}: {why}")
+
+    if cfg.ckpt not in CKPT_MODES:
+        bad("ckpt", f"must be one of {sorted(CKPT_MODES)} ({', '.join(f'{k}={v}' for k, v in CKPT_MODES.items())})")
+    if cfg.kvstore not in KVSTORES:
+        bad("kvstore", f"must be one of {', '.join(KVSTORES)}")
+    if cfg.loss not in LOSSES:
+        bad("loss", f"must be one of {', '.join(LOSSES)}{_suggest(cfg.loss, LOSSES)}")
+    if cfg.net_output not in NET_OUTPUTS:
+        bad("net_output", f"must be one of {', '.join(NET_OUTPUTS)}")
+    for key in ("per_batch_size", "emb_size", "frequent", "verbose", "end_epoch"):
+        if cfg[key] <= 0:
+            bad(key, "must be a positive integer")
+    for key in ("lr", "loss_s", "net_multiplier"):
+        if not cfg[key] > 0:
+            bad(key, "must be > 0")
+    for key in ("wd", "warmup_steps", "max_steps", "num_classes", "data_cutoff", "data_images_filter"):
+        if cfg[key] < 0:
+            bad(key, "must be >= 0")
+    if not 0.0 <= cfg.mom < 1.0:
+        bad("mom", "momentum must be in [0, 1)")
+    if any(s <= 0 for s in cfg.lr_steps) or list(cfg.lr_steps) != sorted(set(cfg.lr_steps)):
+        bad("lr_steps", "must be strictly increasing positive global-batch counts, e.g. 100000,160000,220000")
+    if len(cfg.image_shape) != 3 or cfg.image_shape[0] != cfg.image_shape[1] or cfg.image_shape[2] != 3:
+        bad("image_shape", "must be [H, W, 3] with H == W (square RGB input)")
+    if cfg.data_color not in (0, 1, 2):
+        bad("data_color", "must be 0 (off), 1 (jitter) or 2 (jitter + JPEG)")
+    if cfg.data_workers < 1:
+        bad("data_workers", "must be >= 1")
+    if cfg.ctx and not _CTX_RE.match(cfg.ctx):
+        bad("ctx", "must be 'cpu' or 'cpu:N' (N CPU contexts, data parallel)")
+    if cfg.gpus and not _GPUS_RE.match(cfg.gpus):
+        bad("gpus", "must be a comma list of GPU ids such as 0,1")
+    if cfg.gpus and cfg.ctx:
+        bad("ctx", "give either --gpus or --ctx, not both")
+    if cfg.pretrained and cfg.pretrained.count(",") > 1:
+        bad("pretrained", "must be 'prefix' or 'prefix,epoch'")
+    if cfg.loss in ("triplet", "atriplet") and cfg.per_batch_size % 3:
+        bad("per_batch_size", "triplet batches are [anchors|positives|negatives]: must be divisible by 3")
+    return cfg
+
+
+def load_config(path=None, overrides=None):
+    """Build a validated config: ``configs/base.py`` -> preset chain of ``path`` -> ``overrides``.
+
+    Parameters
+    ----------
+    path : str or None
+        Preset file (``configs/<name>.py``) with a dict ``config`` and optional ``base = "<preset>.py"``.
+    overrides : dict or None
+        Final key -> value overrides (strings are converted to the key's type).
+
+    Returns
+    -------
+    EasyDict with every key of ``configs/base.py``.
+    """
+    cfg = _base_config()
+    keys = dict(cfg)
+    if path:
+        for preset_path, preset in _load_preset_chain(path):
+            _apply(cfg, preset, preset_path, keys)
+    if overrides:
+        _apply(cfg, overrides, "overrides", keys)
+    return validate(edict(cfg))
+
+
+def load_run_config(run_dir, overrides=None):
+    """Load ``<run_dir>/config.json`` (written by the engine) and apply ``overrides``."""
+    path = os.path.join(os.fspath(run_dir), CONFIG_FILE_NAME)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume {run_dir}: no {CONFIG_FILE_NAME} there; give the run directory that "
+                          "training created (it holds training.log, config.json and resume/)")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    cfg = _base_config()
+    keys = dict(cfg)
+    _apply(cfg, {k: v for k, v in saved.items() if k in keys}, path, keys)
+    if overrides:
+        _apply(cfg, overrides, "overrides", keys)
+    cfg["resume"] = os.fspath(run_dir)
+    return validate(edict(cfg))
+
+
+def save_config(cfg, run_dir):
+    """Write the resolved config as ``<run_dir>/config.json`` atomically; returns the path."""
+    from recognition.checkpoints import atomic_write_text
+    path = os.path.join(os.fspath(run_dir), CONFIG_FILE_NAME)
+    atomic_write_text(path, json.dumps(dict(cfg), indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def _int_list(text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text):
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _image_size(text):
+    parts = _int_list(text)
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected H,W such as 112,112, got {text!r}")
+    return parts + [3]
+
+
+def _legacy_loss(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--loss-type takes insightface's integer codes, got {text!r}") from None
+
+
+EPILOG = """examples:
+  python -m recognition.train_softmax --config configs/synthetic.py --max-steps 50
+  python -m recognition.train_softmax --network r100 --loss arcface --data-dir ../datasets/faces_emore --gpus 0,1
+  python -m recognition.train_softmax --resume models/r18-arcface-orl --max-steps 4000
+"""
+
+
+def build_arg_parser(description="Train a face-recognition network (insightface train_softmax).", epilog=EPILOG):
+    """Parser with insightface's kebab-case flags; every ``dest`` is a config key (``default=None``).
+
+    Callers may add flags (``parser.add_argument('--triplet-alpha', dest='triplet_alpha', type=float,
+    default=None)``) before calling :func:`parse_args` with ``parser=``.
+    """
+    p = argparse.ArgumentParser(description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(group, flag, dest, type_=str, help_=None, **kw):
+        group.add_argument(flag, dest=dest, type=type_, default=None, help=help_ or f"config key {dest}", **kw)
+
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", default=None, help="preset file (configs/<name>.py) applied on configs/base.py")
+    g.add_argument("--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (repeatable), e.g. --set data_workers=4")
+    add(g, "--resume", "resume", help_="run directory to continue (weights, optimizer, step, lr, best acc)")
+
+    g = p.add_argument_group("data")
+    add(g, "--data-dir", "dataset_path", help_="dir with train.rec/.idx, property and <target>.bin")
+    add(g, "--dataset", "dataset")
+    add(g, "--num-classes", "num_classes", int, "0 = read from <data-dir>/property")
+    add(g, "--image-size", "image_shape", _image_size, "H,W (square)")
+    add(g, "--target", "val_targets", _str_list, "verification packs, e.g. lfw,cfp_fp,agedb_30")
+    add(g, "--rand-mirror", "data_rand_mirror", int)
+    add(g, "--cutoff", "data_cutoff", int)
+    add(g, "--color", "data_color", int)
+    add(g, "--images-filter", "data_images_filter", int)
+    add(g, "--data-workers", "data_workers", int)
+    add(g, "--seed", "seed", int)
+
+    g = p.add_argument_group("network")
+    add(g, "--network", "network", help_="r18 r34 r50 r100 r152 y1 y2 ...")
+    add(g, "--emb-size", "emb_size", int)
+    add(g, "--version-se", "net_se", int)
+    add(g, "--version-input", "net_input", int)
+    add(g, "--version-output", "net_output")
+    add(g, "--version-unit", "net_unit", int)
+    add(g, "--version-act", "net_act")
+    add(g, "--version-multiplier", "net_multiplier", float)
+    add(g, "--bn-mom", "bn_mom", float)
+
+    g = p.add_argument_group("head")
+    add(g, "--loss", "loss", help_=" ".join(LOSSES))
+    add(g, "--loss-type", "loss_type", _legacy_loss, "insightface OLD integer loss type (mapped to --loss)")
+    add(g, "--margin-s", "loss_s", float)
+    add(g, "--margin-m", "loss_m2", float, "additive angular margin m2")
+    add(g, "--margin-a", "loss_m1", float, "multiplicative angular margin m1")
+    add(g, "--margin-b", "loss_m3", float, "additive cosine margin m3")
+    add(g, "--easy-margin", "easy_margin", int)
+    add(g, "--fc7-lr-mult", "fc7_lr_mult", float)
+    add(g, "--fc7-wd-mult", "fc7_wd_mult", float)
+    g.add_argument("--fc7-no-bias", dest="fc7_no_bias", action="store_const", const=True, default=None)
+    add(g, "--ce-loss", "ce_loss", int, "1 = add the displayed CE output")
+
+    g = p.add_argument_group("optimisation")
+    add(g, "--per-batch-size", "per_batch_size", int, "images per device")
+    add(g, "--lr", "lr", float)
+    add(g, "--lr-steps", "lr_steps", _int_list, "global batches after which lr *= 0.1, e.g. 100000,160000")
+    add(g, "--warmup-steps", "warmup_steps", int)
+    add(g, "--wd", "wd", float)
+    add(g, "--mom", "mom", float)
+    add(g, "--honour-param-mults", "honour_param_mults", int)
+    add(g, "--max-steps", "max_steps", int)
+    add(g, "--end-epoch", "end_epoch", int)
+    add(g, "--gpus", "gpus", help_="GPU ids, e.g. 0,1 (default: CUDA_VISIBLE_DEVICES when GPUs exist, else CPU)")
+    add(g, "--ctx", "ctx", help_="CPU contexts: cpu or cpu:N")
+    add(g, "--kvstore", "kvstore", help_=" ".join(KVSTORES))
+
+    g = p.add_argument_group("logging, verification, checkpoints")
+    add(g, "--frequent", "frequent", int)
+    add(g, "--verbose", "verbose", int, "verification period in global batches")
+    add(g, "--ckpt", "ckpt", int, ", ".join(f"{k}={v}" for k, v in CKPT_MODES.items()))
+    add(g, "--ckpt-embedding", "ckpt_embedding", int)
+    add(g, "--models-root", "models_root")
+    add(g, "--prefix", "prefix")
+    add(g, "--pretrained", "pretrained", help_="prefix,epoch: load weights only (fc7 may be missing)")
+    add(g, "--pretrained-epoch", "pretrained_epoch", int)
+    return p
+
+
+_NON_CONFIG_DESTS = {"config", "set_values", "loss_type"}
+
+
+def _legacy_loss_overrides(code):
+    from symbols.losses import LEGACY_LOSS_TYPES
+    if code not in LEGACY_LOSS_TYPES:
+        raise ConfigError(f"--loss-type {code}: unknown; valid codes: {sorted(LEGACY_LOSS_TYPES)}")
+    entry = LEGACY_LOSS_TYPES[code]
+    if isinstance(entry, str):
+        return {"loss": entry}
+    if isinstance(entry, dict):
+        return dict(entry)
+    name, extra = entry[0], (entry[1] if len(entry) > 1 else {})
+    out = {"loss": name}
+    out.update(extra or {})
+    return out
+
+
+def parse_args(argv=None, extra_defaults=None, parser=None):
+    """Parse insightface-style flags into a validated config (see the module docstring for precedence).
+
+    Parameters
+    ----------
+    argv : list of str or None (``sys.argv[1:]``)
+    extra_defaults : dict or None
+        Defaults of the calling trainer applied just above ``configs/base.py`` (e.g. ``{'loss': 'triplet'}``).
+    parser : argparse.ArgumentParser or None
+        A parser from :func:`build_arg_parser`, possibly with extra flags whose ``dest`` are config keys.
+    """
+    parser = parser or build_arg_parser()
+    args = parser.parse_args(argv)
+    keys = dict(_base_config())
+    flags = {}
+    if args.loss_type is not None:
+        flags.update(_legacy_loss_overrides(args.loss_type))
+    for dest, value in vars(args).items():
+        if dest in _NON_CONFIG_DESTS or value is None:
+            continue
+        flags[dest] = value
+    set_values = {}
+    for item in args.set_values:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data_workers=4")
+        key, value = item.split("=", 1)
+        set_values[key.strip()] = value
+    if args.resume:
+        cfg = load_run_config(args.resume, {**set_values, **flags})
+        return cfg
+    cfg = _base_config()
+    if extra_defaults:
+        _apply(cfg, extra_defaults, "extra_defaults", keys)
+    if args.config:
+        for preset_path, preset in _load_preset_chain(args.config):
+            _apply(cfg, preset, preset_path, keys)
+    _apply(cfg, set_values, "--set", keys)
+    _apply(cfg, flags, "command line", keys)
+    return validate(edict(cfg))

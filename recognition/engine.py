@@ -1,0 +1,423 @@
+"""The training engine shared by ``train_softmax`` and ``train_triplet``: :func:`fit`.
+
+``fit(config, make_train_iter=None, metrics=None, symbol=None) -> FitResult``
+
+* ``config``: a config from :func:`recognition.config.load_config` / ``parse_args`` (validated again here).
+* ``make_train_iter(config, module, contexts) -> mx.io.DataIter`` is called AFTER the training Module is
+  bound and its parameters initialised (the triplet iterator embeds its bags with the live weights); the
+  default builds ``iterators.FaceImageIter`` on ``<dataset_path>/train.rec`` with global batch
+  ``per_batch_size * len(contexts)``. The iterator must yield ``data`` (B, 3, H, W) and ``softmax_label`` (B,).
+* ``metrics``: list of ``mx.metric.EvalMetric`` (default ``[AccMetric]`` + ``LossValueMetric`` if ``ce_loss``).
+* ``symbol``: optional training symbol overriding ``symbols.get_symbol(config)`` (same output contract:
+  outputs[0] is the embedding; used by tests and custom heads).
+
+One step (spec §8): ``forward_backward`` on the global batch (sliced over the contexts by Module), ``update``
+with ``SGD(lr, momentum, wd, rescale_grad=1/G)`` and ``MultiFactorScheduler(lr_steps, 0.1)`` (lr x0.1 from the
+update after global batch ``step``, as upstream's ``opt.lr *= 0.1`` when ``mbatch == step``), metric update,
+then the callbacks of :mod:`recognition.callbacks`. Upstream ignores ``lr_mult``/``wd_mult`` and applies wd to
+every parameter (spec §8.5): reproduced unless ``honour_param_mults``.
+
+Shared by every trainer: devices, optimizer, lr schedule, verification, checkpoints (``--ckpt`` policy +
+resume state), ``--resume``, ``--pretrained``, logging to ``training.log``, ``metrics.jsonl``, NaN guard,
+``max_steps`` and the curve PNG. Everything happens inside the run directory.
+"""
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import mxnet as mx
+import numpy as np
+from easydict import EasyDict as edict
+
+from recognition import callbacks as cbs
+from recognition import checkpoints as ckpts
+from recognition.config import ConfigError, save_config, validate
+from recognition.devices import get_contexts
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "training.log"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "training_curves.png"
+LR_DECAY_FACTOR = 0.1  # insightface: lr *= 0.1 at every lr step
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns."""
+    run_dir: str
+    prefix: str
+    global_step: int
+    epoch: int
+    stopped: str                 # "max_steps" | "end_epoch"
+    state: cbs.TrainingState
+    final_checkpoint: str        # params file of the final model ("" with ckpt=0)
+    resume_state: str            # newest resume-state directory
+    metrics: list                # records written to metrics.jsonl
+    config: dict
+
+
+# --------------------------------------------------------------------------------------------- config/run dir
+
+def resolve_run_config(config):
+    """Validate ``config`` and fill the derived keys once: ``num_classes``/``image_shape`` from ``property``
+    (when the dataset has one), ``prefix`` and the run directory.
+
+    Returns ``(cfg, run_dir)``; ``cfg`` is a new EasyDict (the input is not mutated).
+    """
+    cfg = validate(edict(copy.deepcopy(dict(config))))
+    prop = os.path.join(cfg.dataset_path, "property")
+    if os.path.isfile(prop):
+        from iterators.recordio import read_property
+        num_classes, (height, width) = read_property(cfg.dataset_path)
+        if cfg.num_classes == 0:
+            cfg.num_classes = num_classes
+        elif cfg.num_classes != num_classes:
+            raise ConfigError(f"num_classes={cfg.num_classes} but {prop} says {num_classes}; drop --num-classes "
+                              "(it is read from property) or fix the property file")
+        if [height, width] != list(cfg.image_shape[:2]):
+            logger.info("image_shape %s taken from %s", [height, width], prop)
+            cfg.image_shape = [height, width, 3]
+    elif cfg.num_classes == 0 and cfg.loss not in ("triplet", "atriplet"):
+        raise ConfigError(f"num_classes=0 and no property file at {prop}: set --data-dir to a dataset directory "
+                          "(train.rec, train.idx, property) or give --num-classes")
+    if cfg.resume:
+        run_dir = cfg.resume
+    elif cfg.prefix:
+        run_dir = os.path.dirname(os.path.abspath(cfg.prefix))
+    else:
+        run_dir = os.path.join(cfg.models_root, f"{cfg.network}-{cfg.loss}-{cfg.dataset}")
+    if not cfg.prefix:
+        cfg.prefix = os.path.join(run_dir, "model")
+    return cfg, os.fspath(run_dir)
+
+
+@contextlib.contextmanager
+def _run_log(run_dir):
+    """Tee the root logger (MXNet logs through it too) into ``<run_dir>/training.log`` while training."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(os.path.join(run_dir, LOG_FILE), encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.INFO)
+    old_level = root.level
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(old_level)
+
+
+# --------------------------------------------------------------------------------------------- builders
+
+def build_lr_scheduler(cfg):
+    """``MultiFactorScheduler(lr_steps, 0.1, lr)`` with optional linear warm-up; None when neither is set.
+
+    MXNet's rule ``lr(u) = lr * 0.1 ** #{s in lr_steps : u > s}`` for update number ``u`` (1-based) equals
+    upstream's "multiply by 0.1 after the callback of global batch ``s``".
+    """
+    if not cfg.lr_steps and not cfg.warmup_steps:
+        return None
+    steps = list(cfg.lr_steps) or [np.iinfo(np.int64).max]
+    return mx.lr_scheduler.MultiFactorScheduler(step=steps, factor=LR_DECAY_FACTOR, base_lr=cfg.lr,
+                                                warmup_steps=cfg.warmup_steps, warmup_begin_lr=0.0,
+                                                warmup_mode="linear")
+
+
+def build_optimizer(cfg, num_devices, begin_num_update=0):
+    """insightface's ``SGD(lr, momentum, wd, rescale_grad=1/G)`` (per-device loss is already a mean)."""
+    return mx.optimizer.SGD(learning_rate=cfg.lr, momentum=cfg.mom, wd=cfg.wd, rescale_grad=1.0 / num_devices,
+                            lr_scheduler=build_lr_scheduler(cfg), begin_num_update=begin_num_update)
+
+
+def _honour_param_mults(optimizer, symbol):
+    """Apply ``__lr_mult__``/``__wd_mult__`` attributes and MXNet's no-wd-on-bias/beta rule after
+    ``Module.init_optimizer`` filled ``optimizer.idx2name`` (what ``SGD(sym=..., param_idx2name=...)`` does)."""
+    optimizer.sym_info = (symbol.attr_dict(), symbol.list_arguments())
+    optimizer.set_lr_mult({})
+    optimizer.set_wd_mult({})
+
+
+def default_metrics(cfg):
+    """``[AccMetric]`` (+ ``LossValueMetric`` when ``ce_loss``), as insightface attaches them."""
+    import metrics
+    out = [metrics.AccMetric()]
+    if cfg.ce_loss:
+        out.append(metrics.LossValueMetric())
+    return out
+
+
+def default_train_iter(cfg, module, contexts):
+    """``FaceImageIter`` on ``<dataset_path>/train.rec`` for the global batch, seeded by ``cfg.seed``."""
+    from iterators import FaceImageIter
+    height, width = cfg.image_shape[:2]
+    return FaceImageIter(batch_size=cfg.per_batch_size * len(contexts), data_shape=(3, height, width),
+                         path_imgrec=os.path.join(cfg.dataset_path, "train.rec"), shuffle=True,
+                         rand_mirror=bool(cfg.data_rand_mirror), cutoff=cfg.data_cutoff,
+                         color_jittering=cfg.data_color, images_filter=cfg.data_images_filter,
+                         num_workers=cfg.data_workers, seed=None if cfg.seed < 0 else cfg.seed,
+                         num_classes=cfg.num_classes or None)
+
+
+def load_verification_sets(cfg):
+    """``[(name, data_set)]`` for every ``<dataset_path>/<target>.bin`` that exists (missing: skipped, logged)."""
+    sets = []
+    for name in cfg.val_targets:
+        path = os.path.join(cfg.dataset_path, f"{name}.bin")
+        if not os.path.isfile(path):
+            logger.info("verification pack %s not found, skipped", path)
+            continue
+        from eval.verification import load_bin
+        logger.info("ver %s", name)
+        sets.append((name, load_bin(path, tuple(cfg.image_shape[:2]))))
+    return sets
+
+
+class Checkpointer:
+    """Writes the insightface checkpoint and the resume state of the training Module."""
+
+    def __init__(self, cfg, run_dir, module, state, symbol):
+        self.cfg, self.run_dir, self.module, self.state, self.symbol = cfg, run_dir, module, state, symbol
+
+    def save_model(self, number):
+        arg_params, aux_params = self.module.get_params()
+        symbol = self.symbol
+        if self.cfg.ckpt_embedding:
+            symbol, arg_params, aux_params = ckpts.embedding_checkpoint(symbol, arg_params, aux_params)
+        return ckpts.save_checkpoint(self.cfg.prefix, number, symbol, arg_params, aux_params)
+
+    def save_resume(self):
+        arg_params, aux_params = self.module.get_params()
+        payload = self.state.to_json()
+        payload["config"] = dict(self.cfg)
+        payload["saved_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        return ckpts.save_resume_state(self.run_dir, payload, arg_params, aux_params,
+                                       self.module.save_optimizer_states)
+
+
+def plot_curves(records, path):
+    """PNG of loss/accuracy, lr and verification accuracy against the global step (Agg canvas, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.6))
+    FigureCanvasAgg(fig)
+    ax_train, ax_lr, ax_ver = fig.subplots(1, 3)
+    speed_recs = [r for r in records if "speed" in r]
+    for key in sorted({k for r in speed_recs for k in r} - {"step", "epoch", "lr", "speed"}):
+        pts = [(r["step"], r[key]) for r in speed_recs if key in r]
+        ax_train.plot(*zip(*pts), label=key)
+    ax_train.set_title("training metrics")
+    ax_train.set_xlabel("global step")
+    if speed_recs:
+        ax_train.legend()
+        ax_lr.plot([r["step"] for r in speed_recs], [r["lr"] for r in speed_recs])
+    ax_lr.set_title("learning rate")
+    ax_lr.set_xlabel("global step")
+    ver_recs = [r for r in records if "verification" in r]
+    for name in sorted({n for r in ver_recs for n in r["verification"]}):
+        pts = [(r["step"], r["verification"][name]["acc"]) for r in ver_recs if name in r["verification"]]
+        ax_ver.plot(*zip(*pts), marker="o", label=name)
+    if ver_recs:
+        ax_ver.legend()
+    ax_ver.set_title("verification accuracy (flip)")
+    ax_ver.set_xlabel("global step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def _read_records(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _fast_forward(train_iter, epochs, nbatch):
+    """Replay the data order up to (epoch, batch) so a resumed run sees the batches a straight run would.
+
+    Costs one pass over the skipped batches (decoding included); exact for seeded iterators whose random
+    decisions are drawn in the calling thread.
+    """
+    if epochs or nbatch:
+        logger.info("resume: replaying the data order (%d epoch(s) + %d batch(es))", epochs, nbatch)
+    for _ in range(epochs):
+        for _ in train_iter:
+            pass
+        train_iter.reset()
+    for i in range(nbatch):
+        try:
+            train_iter.next()
+        except StopIteration:
+            raise RuntimeError(f"resume: the training data has fewer than {nbatch} batches per epoch "
+                               f"(ended at {i}); it changed since the run was saved") from None
+
+
+# --------------------------------------------------------------------------------------------- fit
+
+def fit(config, make_train_iter=None, metrics=None, symbol=None):
+    """Train as insightface's ``train_net`` (spec §8) and return a :class:`FitResult`.
+
+    Raises :class:`recognition.callbacks.NonFiniteError` when the loss/metric/embedding becomes NaN/inf
+    (the message names the step and the last good checkpoint, which is left intact).
+    """
+    cfg, run_dir = resolve_run_config(config)
+    os.makedirs(run_dir, exist_ok=True)
+    with _run_log(run_dir):
+        return _fit(cfg, run_dir, make_train_iter, metrics, symbol)
+
+
+def _fit(cfg, run_dir, make_train_iter, metrics, symbol):
+    resume = None
+    if cfg.resume:
+        resume = ckpts.load_resume_state(run_dir)
+        logger.info("resuming %s from global step %d (%s)", run_dir, resume[0]["global_step"],
+                    ckpts.list_resume_states(run_dir)[-1])
+    logger.info("Called with config: %s", json.dumps(dict(cfg), sort_keys=True, default=str))
+    save_config(cfg, run_dir)
+    contexts = get_contexts(cfg.gpus, cfg.ctx)
+    num_devices = len(contexts)
+    batch_size = cfg.per_batch_size * num_devices
+    height, width = cfg.image_shape[:2]
+    logger.info("image_size %s", [height, width])
+    logger.info("num_classes %d", cfg.num_classes)
+    logger.info("lr_steps %s", list(cfg.lr_steps))
+    if cfg.seed >= 0:
+        mx.random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+    if symbol is None:
+        import symbols
+        symbol = symbols.get_symbol(cfg)
+    module = mx.mod.Module(symbol=symbol, context=contexts, data_names=("data",), label_names=("softmax_label",))
+    module.bind(data_shapes=[("data", (batch_size, 3, height, width))],
+                label_shapes=[("softmax_label", (batch_size,))], for_training=True)
+    initializer = _initializer(cfg)
+    if resume:
+        state_json, arg_params, aux_params, optimizer_path = resume
+        module.init_params(initializer=None, arg_params=arg_params, aux_params=aux_params,
+                           allow_missing=False, allow_extra=False)
+    elif cfg.pretrained:
+        arg_params, aux_params = ckpts.load_pretrained(cfg.pretrained, cfg.pretrained_epoch)
+        missing = sorted(set(module._exec_group.param_names) - set(arg_params))
+        if missing:
+            logger.info("pretrained: %d parameter(s) not in the checkpoint, initialised: %s", len(missing),
+                        ", ".join(missing))
+        module.init_params(initializer=initializer, arg_params=arg_params, aux_params=aux_params,
+                           allow_missing=True, allow_extra=True)
+    else:
+        module.init_params(initializer=initializer)
+
+    state = cbs.TrainingState()
+    if resume:
+        for key, value in state_json.items():
+            if hasattr(state, key) and key not in ("verification", "is_highest"):
+                setattr(state, key, value)
+    train_iter = (make_train_iter or default_train_iter)(cfg, module, contexts)
+    expected = (batch_size, 3, height, width)
+    got = tuple(train_iter.provide_data[0].shape)
+    if got != expected:
+        raise ValueError(f"training iterator yields data of shape {got}, the module is bound for {expected} "
+                         f"(per_batch_size {cfg.per_batch_size} x {num_devices} device(s))")
+
+    optimizer = build_optimizer(cfg, num_devices, begin_num_update=state.global_step)
+    module.init_optimizer(kvstore=cfg.kvstore, optimizer=optimizer)
+    if cfg.honour_param_mults:
+        _honour_param_mults(optimizer, symbol)
+    if resume:
+        module.load_optimizer_states(optimizer_path)
+    state.lr = optimizer.learning_rate
+
+    metric = mx.metric.CompositeEvalMetric()
+    for m in (metrics if metrics is not None else default_metrics(cfg)):
+        metric.add(m)
+
+    metrics_path = os.path.join(run_dir, METRICS_FILE)
+    sink = cbs.MetricsLog(metrics_path)
+    ver_sets = load_verification_sets(cfg)
+    verification_test = None
+    if ver_sets:
+        from eval.verification import test as verification_test
+    checkpointer = Checkpointer(cfg, run_dir, module, state, symbol)
+    callbacks = [
+        cbs.NonFiniteGuard(),
+        cbs.Speedometer(batch_size, cfg.frequent, sink=sink),
+        cbs.LrLogger(),
+        cbs.VerificationCallback(ver_sets, batch_size, cfg.verbose, verification_test,
+                                 sink=sink),
+        cbs.HighestAccuracy(),
+        cbs.CheckpointCallback(cfg.ckpt, checkpointer, cfg.verbose),
+        cbs.MaxSteps(cfg.max_steps),
+    ]
+
+    _fast_forward(train_iter, state.epoch, state.nbatch)
+    stopped = "end_epoch"
+    try:
+        if cfg.max_steps and state.global_step >= cfg.max_steps:
+            raise cbs.TrainingFinished(f"max_steps={cfg.max_steps} already reached")
+        _train_loop(cfg, module, train_iter, metric, callbacks, state, optimizer)
+    except cbs.TrainingFinished as done:
+        logger.info("training finished: %s", done)
+        stopped = "max_steps"
+    except cbs.NonFiniteError as err:
+        logger.error("%s", err)
+        _finish_plot(metrics_path, run_dir)
+        raise
+    final = ""
+    if cfg.ckpt != cbs.CheckpointPolicy.NONE:
+        logger.info("saving 0 (final weights, global step %d)", state.global_step)
+        final = checkpointer.save_model(0)
+        state.last_checkpoint = final
+    state.last_resume_state = checkpointer.save_resume()
+    _finish_plot(metrics_path, run_dir)
+    return FitResult(run_dir=run_dir, prefix=cfg.prefix, global_step=state.global_step, epoch=state.epoch,
+                     stopped=stopped, state=state, final_checkpoint=final, resume_state=state.last_resume_state,
+                     metrics=_read_records(metrics_path), config=dict(cfg))
+
+
+def _initializer(cfg):
+    import symbols
+    return symbols.get_initializer(cfg.network)
+
+
+def _finish_plot(metrics_path, run_dir):
+    records = _read_records(metrics_path)
+    if records:
+        path = plot_curves(records, os.path.join(run_dir, CURVES_FILE))
+        logger.info("training curves: %s", path)
+
+
+def _train_loop(cfg, module, train_iter, metric, callbacks, state, optimizer):
+    first_epoch = state.epoch
+    for epoch in range(first_epoch, cfg.end_epoch):
+        state.epoch = epoch
+        tic = time.time()
+        if epoch != first_epoch or state.nbatch == 0:
+            metric.reset()
+        nbatch = state.nbatch
+        for batch in train_iter:
+            module.forward_backward(batch)
+            module.update()
+            module.update_metric(metric, batch.label)
+            state.global_step += 1
+            state.nbatch = nbatch + 1
+            state.lr = optimizer.learning_rate
+            param = cbs.BatchEnd(epoch=epoch, nbatch=nbatch, eval_metric=metric, module=module, state=state)
+            for callback in callbacks:
+                callback(param)
+            nbatch += 1
+        for name, value in metric.get_global_name_value():
+            logger.info("Epoch[%d] Train-%s=%f", epoch, name, value)
+        logger.info("Epoch[%d] Time cost=%.3f", epoch, time.time() - tic)
+        train_iter.reset()
+        state.nbatch = 0
+        state.epoch = epoch + 1
