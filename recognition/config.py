@@ -346,21 +346,22 @@ def build_arg_parser(description="Train a face-recognition network (insightface 
 
 
 _NON_CONFIG_DESTS = {"config", "set_values", "loss_type"}
+_LEGACY_MARGIN_DESTS = ("loss_s", "loss_m1", "loss_m2", "loss_m3", "easy_margin")
 
 
-def _legacy_loss_overrides(code):
-    from symbols.losses import LEGACY_LOSS_TYPES
-    if code not in LEGACY_LOSS_TYPES:
-        raise ConfigError(f"--loss-type {code}: unknown; valid codes: {sorted(LEGACY_LOSS_TYPES)}")
-    entry = LEGACY_LOSS_TYPES[code]
-    if isinstance(entry, str):
-        return {"loss": entry}
-    if isinstance(entry, dict):
-        return dict(entry)
-    name, extra = entry[0], (entry[1] if len(entry) > 1 else {})
-    out = {"loss": name}
-    out.update(extra or {})
-    return out
+def _legacy_loss_overrides(code, args):
+    """OLD ``--loss-type N`` + its margin flags -> HEAD keys, through symbols' single mapping table."""
+    from symbols.losses import legacy_loss_config
+    base = _base_config()
+
+    def flag(dest):
+        value = getattr(args, dest)
+        return base[dest] if value is None else value
+    try:
+        return legacy_loss_config(code, margin_s=flag("loss_s"), margin_m=flag("loss_m2"), margin_a=flag("loss_m1"),
+                                  margin_b=flag("loss_m3"), easy_margin=flag("easy_margin"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def parse_args(argv=None, extra_defaults=None, parser=None):
@@ -377,13 +378,14 @@ def parse_args(argv=None, extra_defaults=None, parser=None):
     parser = parser or build_arg_parser()
     args = parser.parse_args(argv)
     keys = dict(_base_config())
-    flags = {}
+    flags = {dest: value for dest, value in vars(args).items()
+             if dest not in _NON_CONFIG_DESTS and value is not None}
     if args.loss_type is not None:
-        flags.update(_legacy_loss_overrides(args.loss_type))
-    for dest, value in vars(args).items():
-        if dest in _NON_CONFIG_DESTS or value is None:
-            continue
-        flags[dest] = value
+        # With OLD --loss-type the margin flags keep their OLD meaning (e.g. --margin-m is m3 for CosFace):
+        # the symbols table maps them, so they are not applied as HEAD keys directly.
+        for dest in _LEGACY_MARGIN_DESTS:
+            flags.pop(dest, None)
+        flags.update(_legacy_loss_overrides(args.loss_type, args))
     set_values = {}
     for item in args.set_values:
         if "=" not in item:
