@@ -343,12 +343,18 @@ class FaceRecordReader:
         self.id2range = {}
         if not self.keys:
             raise RecordFormatError(f"{self.path_imgidx} is empty: the record file holds no records")
-        header, _ = self.read_header(0) if 0 in self._offsets else (None, None)
-        if header is not None and header.flag > 0:
+        header, payload = self.read_header(0) if 0 in self._offsets else (None, None)
+        # insightface's header is record 0 with a vector label and no payload. A record 0 with a
+        # vector label *and* a payload is an image of a headerless multi-label rec (im2rec);
+        # upstream would misread it as a header.
+        if header is not None and header.flag > 0 and not payload:
             if header.flag < 2:
                 raise RecordFormatError(f"{self.path_imgrec}: header record 0 has label {header.label}; "
                                         "expected [first_identity_record, end_identity_record]")
             i0, i1 = int(header.label[0]), int(header.label[1])
+            if not 1 <= i0 <= i1:
+                raise RecordFormatError(f"{self.path_imgrec}: header record 0 has label [{i0}, {i1}]; expected "
+                                        "1 <= first_identity_record <= end_identity_record")
             self.header0 = (i0, i1)
             imgidx = []
             for identity in range(i0, i1):

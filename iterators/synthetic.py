@@ -1,10 +1,9 @@
 """Synthetic face-like identities: learnable classes and meaningful held-out verification.
 
-An identity is a deterministic function of ``(seed, identity)``: background, skin, hair, eye and
-mouth colours; face-oval size and position; eye height, spacing and size; nose length; mouth
+An identity is a deterministic function of ``(seed, identity)``: skin, hair, eye and mouth colours; face-oval size and position; eye height, spacing and size; nose length; mouth
 position and width; and three coloured marks at identity-specific places. Each image of an
 identity adds nuisance drawn from ``(seed, identity, image)``: eye openness and mouth opening
-(expression), rotation (±12°), scale (0.9-1.1), shift (±5 px), global gain/bias, a linear
+(expression), background colour, rotation (±12°), scale (0.9-1.1), shift (±5 px), global gain/bias, a linear
 illumination gradient, a per-channel colour cast and Gaussian noise. Identity is therefore
 recoverable only through geometry and colour layout that survive the nuisance, which is what
 a face embedding has to learn; raw-pixel distance is a weak baseline.
@@ -31,7 +30,6 @@ def identity_params(identity, seed=0):
     rng = np.random.default_rng([int(seed), int(identity), 0x1D])
     u = rng.uniform
     return {
-        "background": u(20, 235, 3),
         "skin": u(60, 240, 3),
         "hair": u(0, 200, 3),
         "eye": u(0, 160, 3),
@@ -62,7 +60,7 @@ def _render(p, rng, size):
         return max(1, int(round(v * scale * f)))
 
     img = np.empty((size, size, 3), np.uint8)
-    img[:] = np.clip(p["background"], 0, 255).astype(np.uint8)
+    img[:] = rng.integers(20, 236, 3).astype(np.uint8)
     cx, cy = p["face_centre"]
     ax, ay = p["face_axes"]
     aa = cv2.LINE_AA
@@ -80,7 +78,7 @@ def _render(p, rng, size):
                    aa, shift)
     nose_top = p["eye_y"] + 6
     dark = (p["skin"] * 0.6).tolist()
-    cv2.line(img, pt(cx, nose_top), pt(cx, nose_top + p["nose_len"]), dark, ln(2), aa, shift)
+    cv2.line(img, pt(cx, nose_top), pt(cx, nose_top + p["nose_len"]), dark, max(1, int(round(2 * scale))), aa, shift)
     mouth_open = rng.uniform(1.0, 5.0)
     cv2.ellipse(img, pt(cx, p["mouth_y"]), (ln(p["mouth_w"]), ln(mouth_open)), 0, 0, 360, p["mouth"].tolist(), -1,
                 aa, shift)
