@@ -36,15 +36,55 @@ class PackFormatError(ValueError):
     """A `.bin` pack that is not a valid insightface verification pack (message says why)."""
 
 
+def _latin1_encode(obj, encoding="latin1", errors="strict"):
+    """Stand-in for ``_codecs.encode`` that only performs what protocol-2 ``bytes`` need.
+
+    Python 3 pickles ``bytes`` at protocol <= 2 as ``_codecs.encode(<latin-1 str>, 'latin1')``;
+    any other codec (compression, rot13, ...) is refused instead of being looked up.
+    """
+    if encoding.lower().replace("-", "").replace("_", "") != "latin1" or not isinstance(obj, str):
+        raise pickle.UnpicklingError(
+            f"refusing _codecs.encode({type(obj).__name__}, {encoding!r}): packs only use latin1")
+    return obj.encode("latin1", errors)
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(
                 f"refusing to load global '{module}.{name}': a verification pack only contains "
                 "encoded images and booleans (this file may be malicious or not a .bin pack)")
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         if module.startswith("numpy._core"):
             module = module.replace("numpy._core", "numpy.core", 1)
         return super().find_class(module, name)
+
+
+def _unpickle(raw, path):
+    """Unpickle ``raw`` with the restricted unpickler; Python-2 ``str`` payloads come back as bytes."""
+    try:
+        try:
+            return _RestrictedUnpickler(io.BytesIO(raw)).load()
+        except UnicodeDecodeError:
+            # Python-2 packs store images as `str` (BINSTRING opcodes); the default ASCII decoding
+            # fails on JPEG bytes, so read them as raw bytes like insightface HEAD does.
+            return _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        raise PackFormatError(f"{path}: {exc}") from None
+    except Exception as exc:  # truncated, not a pickle at all, or wrong object layout
+        raise PackFormatError(
+            f"{path}: not a readable verification pack ({type(exc).__name__}: {exc})") from None
+
+
+def _to_bool(obj, index, path):
+    # bool / numpy.bool_ / 0-1 integers are what builders have written; anything else (a str,
+    # a float label) means the pack was assembled wrongly and 'bool(x)' would silently say True.
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)) and obj in (0, 1):
+        return bool(obj)
+    raise PackFormatError(f"{path}: issame[{index}] is {obj!r} ({type(obj).__name__}); expected a boolean")
 
 
 def _to_bytes(obj, index, path):
@@ -64,24 +104,22 @@ def read_bin(path):
     -------
     bins : list of bytes, length 2N (encoded images; pair i = bins[2i], bins[2i+1])
     issame : list of bool, length N
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    PackFormatError
+        Not a pickle, a pickle naming any global outside the allow-list (nothing is executed),
+        not a ``(bins, issame)`` pair, an odd image count, ``len(bins) != 2 * len(issame)``,
+        an image that is not bytes, or an issame entry that is not a boolean.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"verification pack not found: {path}")
     with open(path, "rb") as f:
         raw = f.read()
-    try:
-        obj = _RestrictedUnpickler(io.BytesIO(raw)).load()
-    except UnicodeDecodeError:
-        # Python-2 packs store images as `str`; decode them as raw bytes.
-        try:
-            obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
-        except pickle.UnpicklingError as exc:
-            raise PackFormatError(f"{path}: {exc}") from None
-    except pickle.UnpicklingError as exc:
-        raise PackFormatError(f"{path}: {exc}") from None
-    except Exception as exc:  # truncated / not a pickle at all
-        raise PackFormatError(f"{path}: not a readable verification pack ({type(exc).__name__}: {exc})") from None
+    obj = _unpickle(raw, path)
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise PackFormatError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}")
     bins, issame = obj
@@ -93,25 +131,45 @@ def read_bin(path):
         raise PackFormatError(
             f"{path}: {len(bins)} images but {len(issame)} issame labels; expected exactly 2 images per label")
     bins = [_to_bytes(b, i, path) for i, b in enumerate(bins)]
-    return bins, [bool(x) for x in issame]
+    return bins, [_to_bool(x, i, path) for i, x in enumerate(issame)]
+
+
+def _encoded_bytes(obj, index, path):
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj)
+    if isinstance(obj, np.ndarray) and obj.dtype == np.uint8:  # cv2.imencode output
+        return obj.tobytes()
+    # bytes(int) would silently write a run of zeros; refuse anything that is not an encoded image
+    raise TypeError(f"write_bin({path}): image {index} is a {type(obj).__name__}; expected encoded image "
+                    "bytes (e.g. the file's content or cv2.imencode(...)[1])")
 
 
 def write_bin(path, bins, issame):
     """Write ``(bins, issame)`` atomically in insightface's format (readable by upstream ``load_bin``).
 
-    ``bins``: 2N encoded images (bytes); ``issame``: N booleans.
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Output file; written to a temporary file in the same directory, then renamed.
+    bins : sequence of bytes or uint8 np.ndarray, length 2N
+        Encoded images; pair i is ``(bins[2i], bins[2i+1])``. Stored as ``bytes``.
+    issame : sequence of bool, length N
     """
-    bins = [bytes(b) if not isinstance(b, np.ndarray) else b.tobytes() for b in bins]
+    path = os.fspath(path)
+    bins = [_encoded_bytes(b, i, path) for i, b in enumerate(bins)]
     issame = [bool(x) for x in issame]
     if len(bins) != 2 * len(issame):
         raise ValueError(f"write_bin({path}): {len(bins)} images for {len(issame)} pairs; need 2 per pair")
-    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             pickle.dump((bins, issame), f, protocol=pickle.HIGHEST_PROTOCOL)
+        # mkstemp creates 0600; give the pack the permissions a plain open() would have
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
