@@ -36,6 +36,10 @@ class PackFormatError(ValueError):
     """A `.bin` pack that is not a valid insightface verification pack (message says why)."""
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a callable outside the allow-list (raised before anything is called)."""
+
+
 def _latin1_encode(obj, encoding="latin1", errors="strict"):
     """Stand-in for ``_codecs.encode`` that only performs what protocol-2 ``bytes`` need.
 
@@ -43,7 +47,7 @@ def _latin1_encode(obj, encoding="latin1", errors="strict"):
     any other codec (compression, rot13, ...) is refused instead of being looked up.
     """
     if encoding.lower().replace("-", "").replace("_", "") != "latin1" or not isinstance(obj, str):
-        raise pickle.UnpicklingError(
+        raise _RefusedGlobal(
             f"refusing _codecs.encode({type(obj).__name__}, {encoding!r}): packs only use latin1")
     return obj.encode("latin1", errors)
 
@@ -51,7 +55,7 @@ def _latin1_encode(obj, encoding="latin1", errors="strict"):
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in _ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(
+            raise _RefusedGlobal(
                 f"refusing to load global '{module}.{name}': a verification pack only contains "
                 "encoded images and booleans (this file may be malicious or not a .bin pack)")
         if (module, name) == ("_codecs", "encode"):
@@ -70,7 +74,7 @@ def _unpickle(raw, path):
             # Python-2 packs store images as `str` (BINSTRING opcodes); the default ASCII decoding
             # fails on JPEG bytes, so read them as raw bytes like insightface HEAD does.
             return _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except _RefusedGlobal as exc:
         raise PackFormatError(f"{path}: {exc}") from None
     except Exception as exc:  # truncated, not a pickle at all, or wrong object layout
         raise PackFormatError(
