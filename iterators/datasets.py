@@ -197,15 +197,20 @@ def load_orl(cache_dir=None):
 def orl_to_input(grey, size=112):
     """92x112 grey ORL face -> size x size x 3 RGB, without distorting the face.
 
-    The width is padded symmetrically from 92 to 112 (10 columns each side) by replicating the
-    edge columns (ORL backgrounds are dark and uniform, so the pad blends in), then the grey
-    channel is copied to R, G and B. For ``size`` != 112 the padded square is resized (area).
+    The width is padded symmetrically from 92 to 112 (10 columns each side) with a constant: the
+    median of the image's two outermost columns on that side (ORL backgrounds are dark and
+    nearly uniform, so the band blends in; replicating the edge columns draws horizontal streaks
+    and mirroring duplicates ears and hair). The grey channel is then copied to R, G and B.
+    Nothing is scaled, so faces keep their proportions. For ``size`` != 112 the padded square is
+    resized (area).
     """
     h, w = grey.shape
     pad = h - w
     if pad < 0:
         raise ValueError(f"orl_to_input: expected a portrait image (H >= W), got {grey.shape}")
-    sq = cv2.copyMakeBorder(grey, 0, 0, pad // 2, pad - pad // 2, cv2.BORDER_REPLICATE)
+    left = np.full((h, pad // 2), np.median(grey[:, :2]), np.uint8)
+    right = np.full((h, pad - pad // 2), np.median(grey[:, -2:]), np.uint8)
+    sq = np.concatenate([left, grey, right], axis=1)
     if sq.shape[0] != size:
         sq = cv2.resize(sq, (size, size), interpolation=cv2.INTER_AREA)
     return np.repeat(sq[:, :, None], 3, axis=2)
@@ -218,7 +223,7 @@ def build_orl(output, train_identities=30, seed=0, cache_dir=None, pairs=600, im
     The 40 people are split by a seeded permutation: ``train_identities`` train (labels 0..T-1 in
     permutation order, 10 images each) and the rest held out for the verification pack
     (``pairs`` pairs, 10 folds; 600 = 10 folds of 30 genuine + 30 impostor). Images are
-    ``orl_to_input`` (edge-replicate pad 92 -> 112 wide, grey copied to 3 channels), JPEG quality 95.
+    ``orl_to_input`` (constant pad 92 -> 112 wide, grey copied to 3 channels), JPEG quality 95.
 
     Returns the ``write_face_rec`` statistics plus ``pack``, ``pack_pairs``, ``train_people`` and
     ``holdout_people`` (ORL person numbers, 1-based ``s<k>``) and ``credit``.
