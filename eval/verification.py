@@ -241,14 +241,16 @@ def _pair_inputs(embeddings1, embeddings2, actual_issame):
     if len(actual_issame) != embeddings1.shape[0]:
         logger.warning("%d issame labels for %d embedding pairs: using the first %d (as insightface)",
                        len(actual_issame), embeddings1.shape[0], nrof_pairs)
-    if not np.all(np.isfinite(embeddings1)) or not np.all(np.isfinite(embeddings2)):
-        logger.warning("embeddings contain NaN/Inf (diverged model?): those pairs never count as 'same'")
     return embeddings1, embeddings2, actual_issame, nrof_pairs
 
 
 def _squared_distance(embeddings1, embeddings2):
     diff = np.subtract(embeddings1, embeddings2)
-    return np.sum(np.square(diff), 1)
+    dist = np.sum(np.square(diff), 1)
+    if not np.isfinite(dist).all():
+        logger.warning("%d pair distances are NaN/Inf (diverged model?): those pairs never count as 'same'",
+                       int((~np.isfinite(dist)).sum()))
+    return dist
 
 
 def calculate_roc(thresholds, embeddings1, embeddings2, actual_issame, nrof_folds=10, pca=0):
