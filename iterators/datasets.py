@@ -45,7 +45,7 @@ def default_cache_dir():
     return os.environ.get("INSIGHTFACE_MX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "insightface-mx")
 
 
-def _default_pairs(groups_sizes, cap=600):
+def default_pairs(groups_sizes, cap=600):
     """Largest multiple of 2*NFOLDS <= cap that the genuine pairs of the held-out identities allow."""
     genuine = sum(n * (n - 1) // 2 for n in groups_sizes)
     step = 2 * NFOLDS
@@ -123,11 +123,14 @@ def build_synthetic(output, identities, images_per_identity, seed=0, image_size=
                 images.append(encode_jpeg(img, quality))
                 labels.append(h)
         if pairs is None:
-            pairs = _default_pairs([holdout_images] * holdout_identities)
+            pairs = default_pairs([holdout_images] * holdout_identities)
         path = os.path.join(os.fspath(output), pack_name + ".bin")
         write_pack(path, images, labels, pairs, seed)
         stats["pack"], stats["pack_pairs"] = path, int(pairs)
     return stats
+
+
+_default_pairs = default_pairs  # recognition/demo.py imported it under this name first
 
 
 # ----------------------------------------------------------------------------------- ORL

@@ -210,7 +210,9 @@ class FaceImageIter(mx.io.DataIter):
             data[i] = arr
             label[i] = lab
             i += 1
-        return mx.io.DataBatch(data=[mx.nd.array(data)], label=[mx.nd.array(label)], pad=0,
+        # Zero-copy hand-over (DLPack): `data` is fresh and never touched again here. mx.nd.array
+        # would copy B*3*H*W floats in this thread (~17 ms for B=128 at 112x112).
+        return mx.io.DataBatch(data=[mx.nd.from_numpy(data, zero_copy=True)], label=[mx.nd.array(label)], pad=0,
                                provide_data=self.provide_data, provide_label=self.provide_label)
 
     def close(self):

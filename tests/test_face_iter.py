@@ -80,6 +80,27 @@ def test_sequential_order_values_shapes_and_dropped_last_batch(tmp_path):
     assert batch.pad == 0 and batch.data[0].context == mx.cpu()
 
 
+def test_batches_outlive_the_iterator_and_feed_a_module(tmp_path):
+    """Batch data is handed over zero-copy: it must stay valid and usable by Module after the iterator is gone."""
+    import gc
+    rec, images = _make_rec(tmp_path)
+    it = FaceImageIter(4, (3, S, S), rec, num_workers=2)
+    batches = [it.next(), it.next()]
+    del it
+    gc.collect()
+    for b, batch in enumerate(batches):
+        np.testing.assert_array_equal(batch.data[0].asnumpy(), np.stack([_chw(images[4 * b + i][1]) for i in range(4)]))
+    sym = mx.sym.sum(mx.sym.var("data"), axis=(1, 2, 3))  # per-sample pixel sum
+    mod = mx.mod.Module(sym, data_names=["data"], label_names=None, context=mx.cpu())
+    mod.bind(data_shapes=[("data", (4, 3, S, S))], for_training=False)
+    mod.init_params()
+    mod.forward(mx.io.DataBatch(batches[1].data), is_train=False)
+    expected = [float(_chw(images[4 + i][1]).sum()) for i in range(4)]
+    np.testing.assert_allclose(mod.get_outputs()[0].asnumpy(), expected, rtol=1e-6)
+    doubled = (batches[0].data[0] * 2).asnumpy()
+    np.testing.assert_array_equal(doubled, 2 * np.stack([_chw(images[i][1]) for i in range(4)]))
+
+
 def test_decode_matches_mxnet_imdecode_and_resize_short():
     rng = np.random.default_rng(3)
     rgb = cv2.GaussianBlur(rng.integers(0, 256, (24, 36, 3), dtype=np.uint8), (5, 5), 0)
