@@ -173,6 +173,9 @@ def test_reader_errors(tmp_path):
     idx.write_text("0\tzero\n")
     with pytest.raises(R.RecordFormatError, match=r"train\.idx line 1: '0\\tzero' is not two integers"):
         R.FaceRecordReader(str(tmp_path / "train.rec"))
+    idx.write_text("0\t0\n0\t0\n")
+    with pytest.raises(R.RecordFormatError, match=r"train\.idx line 2: key 0 appears twice"):
+        R.FaceRecordReader(str(tmp_path / "train.rec"))
     idx.write_text(content.replace("\t0\n", "\t3\n", 1))  # record 0 at a wrong offset
     with pytest.raises(R.RecordFormatError, match="bad magic .* at byte 3"):
         R.FaceRecordReader(str(tmp_path / "train.rec"))
