@@ -16,6 +16,7 @@ reproduces that layout for any labelled image collection:
   (then one image of each);
 * everything is drawn from ``np.random.default_rng(seed)``: the same inputs and seed give the same pairs.
 """
+import heapq
 import logging
 
 import numpy as np
@@ -53,27 +54,41 @@ def _canon(i, j):
 
 
 def _enumerate_genuine(groups):
-    """All genuine pairs, each weighted so that every identity carries the same total weight."""
-    pairs, weights = [], []
+    """All genuine pairs, each weighted so that every identity carries the same total weight.
+
+    Identities of equal size are stacked into one (k, n) matrix and share one ``triu_indices``, so
+    the cost is O(#distinct sizes + #pairs) Python work, not a loop over identities.
+    """
+    by_size = {}
     for g in groups:
-        n = len(g)
-        if n < 2:
-            continue
+        if len(g) >= 2:
+            by_size.setdefault(len(g), []).append(g)
+    pairs, weights = [], []
+    for n in sorted(by_size):
+        block = np.stack(by_size[n])
         a, b = np.triu_indices(n, k=1)
-        pairs.extend(zip(g[a].tolist(), g[b].tolist()))
-        weights.append(np.full(len(a), 1.0 / len(a)))
+        pairs.extend(zip(block[:, a].ravel().tolist(), block[:, b].ravel().tolist()))
+        weights.append(np.full(block.shape[0] * len(a), 1.0 / len(a)))
     return pairs, np.concatenate(weights) if weights else np.zeros(0)
 
 
 def _enumerate_impostor(groups):
-    """All impostor pairs, weighted so that every identity pair carries the same total weight."""
+    """All impostor pairs, weighted so that every identity pair carries the same total weight.
+
+    One vectorised block per identity (its images x the images of all later identities), so the
+    cost is O(#identities + #pairs) rather than a Python loop over identity pairs.
+    """
+    sizes = np.array([len(g) for g in groups], dtype=np.int64)
+    flat = np.concatenate(groups)
+    owner_size = np.repeat(sizes, sizes).astype(np.float64)  # size of the identity of flat[k]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
     pairs, weights = [], []
-    for x in range(len(groups)):
-        for y in range(x + 1, len(groups)):
-            ga, gb = groups[x], groups[y]
-            aa, bb = np.meshgrid(ga, gb, indexing="ij")
-            pairs.extend(_canon(i, j) for i, j in zip(aa.ravel().tolist(), bb.ravel().tolist()))
-            weights.append(np.full(aa.size, 1.0 / aa.size))
+    for x, g in enumerate(groups[:-1]):
+        later = flat[starts[x + 1]:]
+        a = np.repeat(g, len(later))
+        b = np.tile(later, len(g))
+        pairs.extend(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
+        weights.append(np.tile(1.0 / (len(g) * owner_size[starts[x + 1]:]), len(g)))
     return pairs, np.concatenate(weights) if weights else np.zeros(0)
 
 
@@ -139,11 +154,11 @@ def _split_identities(groups, nfolds, per_fold, rng):
     # balancing); the permutation breaks ties randomly.
     order = sorted(order.tolist(), key=lambda k: -len(groups[k]))
     folds = [[] for _ in range(nfolds)]
-    sizes = [0] * nfolds
+    heap = [(0, f) for f in range(nfolds)]  # (images so far, fold): lowest fold index wins ties
     for k in order:
-        f = int(np.argmin(sizes))
+        size, f = heapq.heappop(heap)
         folds[f].append(groups[k])
-        sizes[f] += len(groups[k])
+        heapq.heappush(heap, (size + len(groups[k]), f))
     for f in folds:
         if _genuine_capacity(f) < per_fold or _impostor_capacity(f) < per_fold:
             return None

@@ -86,3 +86,14 @@ def test_fold_slices_match_sklearn_kfold():
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError):
         fold_slices(5, 10)
+
+
+def test_genuine_pairs_weight_identities_not_pairs():
+    # One identity with 50 images (1225 genuine pairs) and nine with 5 (10 each): drawing pairs
+    # uniformly would give the big identity ~93% of the genuine pairs; weighting identities equally
+    # gives it about its 1/10 share (a little more as the small ones are used up).
+    labels = [0] * 50 + [k for k in range(1, 10) for _ in range(5)]
+    pairs, issame = sample_pairs(labels, 80, nfolds=2, seed=0, identity_disjoint=False)
+    big = sum(1 for (i, j), s in zip(pairs, issame) if s and labels[i] == 0)
+    assert big < 12
+    assert len({labels[i] for (i, j), s in zip(pairs, issame) if s}) == 10
