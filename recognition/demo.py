@@ -27,7 +27,7 @@ ORL_SEED = 0          # seeded split of the 40 people (iterators.datasets.build_
 TRAIN_PEOPLE = 30
 
 
-def build_validation_split(output, holdout, seed=ORL_SEED, cache_dir=None):
+def build_validation_split(output, holdout, image_size, seed=ORL_SEED, cache_dir=None):
     """Dataset of the 30 training people only: 30-``holdout`` for training, ``holdout`` in ``orl.bin``."""
     from iterators.datasets import (ORL_PEOPLE, _default_pairs, encode_jpeg, load_orl, orl_to_input,
                                     write_pack)
@@ -36,9 +36,10 @@ def build_validation_split(output, holdout, seed=ORL_SEED, cache_dir=None):
     perm = np.random.default_rng(seed).permutation(ORL_PEOPLE)  # the split build_orl uses
     train_people = perm[:TRAIN_PEOPLE]
     fit_people, val_people = train_people[:TRAIN_PEOPLE - holdout], train_people[TRAIN_PEOPLE - holdout:]
-    encoded = [encode_jpeg(orl_to_input(g), 95) for g in images]
+    encoded = [encode_jpeg(orl_to_input(g, image_size), 95) for g in images]
     new_label = {int(p): i for i, p in enumerate(fit_people)}
-    write_face_rec(output, [(new_label[int(l)], encoded[k]) for k, l in enumerate(labels) if int(l) in new_label])
+    write_face_rec(output, [(new_label[int(l)], encoded[k]) for k, l in enumerate(labels) if int(l) in new_label],
+                   image_size=(image_size, image_size))
     val_idx = [k for k, l in enumerate(labels) if l in set(val_people.tolist())]
     sizes = [int((labels[val_idx] == p).sum()) for p in val_people]
     write_pack(os.path.join(output, "orl.bin"), [encoded[k] for k in val_idx], labels[val_idx],
@@ -81,15 +82,17 @@ def main(argv=None):
     start = time.time()
     output = os.path.abspath(args.output)
     data_dir = os.path.join(output, "data")
+    overrides = dict(kv.split("=", 1) for kv in args.set_values)
+    image_size = load_config(PRESET, overrides).image_shape[0]
     if args.validation_split:
-        info = build_validation_split(data_dir, args.validation_split, cache_dir=args.cache_dir)
+        info = build_validation_split(data_dir, args.validation_split, image_size, cache_dir=args.cache_dir)
         what = f"validation split: {args.validation_split} of the 30 training people"
     else:
         from iterators.datasets import build_orl
-        info = build_orl(data_dir, train_identities=TRAIN_PEOPLE, seed=ORL_SEED, cache_dir=args.cache_dir, pairs=600)
+        info = build_orl(data_dir, train_identities=TRAIN_PEOPLE, seed=ORL_SEED, cache_dir=args.cache_dir, pairs=600,
+                         image_size=image_size)
         what = f"held-out people {info.get('holdout_people')}"
     print(f"data ready in {time.time() - start:.0f}s ({what}); faces: AT&T Laboratories Cambridge (ORL)")
-    overrides = dict(kv.split("=", 1) for kv in args.set_values)
     overrides.update(dataset_path=data_dir, models_root=output, prefix=os.path.join(output, "model", "model"))
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
