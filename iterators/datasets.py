@@ -85,8 +85,8 @@ def build_synthetic(output, identities, images_per_identity, seed=0, image_size=
     image_size : int
         Side of the square images (property ``C,S,S``).
     holdout_identities : int or None
-        Extra identities (never in training) for the verification pack; None = max(4, C // 4);
-        0 = no pack.
+        Extra identities (never in training) for the verification pack; None = max(10, C // 4)
+        (10 lets every fold use its own identities, as LFW's sets do); 0 = no pack.
     pairs : int or None
         Pairs in the pack (multiple of 20); None = min(600, what the held-out images allow).
     pack_name : str
@@ -106,7 +106,7 @@ def build_synthetic(output, identities, images_per_identity, seed=0, image_size=
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"build_synthetic: {name} must be a positive integer, got {value!r}")
     if holdout_identities is None:
-        holdout_identities = max(4, identities // 4)
+        holdout_identities = max(NFOLDS, identities // 4)
     holdout_images = max(2, images_per_identity) if holdout_images is None else int(holdout_images)
 
     def items():
@@ -273,8 +273,8 @@ def main(argv=None):
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--image-size", type=int, default=112)
     syn.add_argument("--holdout-identities", type=int, default=None, help="identities of the pack "
-                                                                          "(default max(4, identities // 4))")
-    syn.add_argument("--pairs", type=int, default=None, help="pairs in the pack (default min(600, possible))")
+                                                                          "(None = max(10, identities // 4))")
+    syn.add_argument("--pairs", type=int, default=None, help="pairs in the pack (None = min(600, possible))")
     syn.add_argument("--pack-name", default="synthetic")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

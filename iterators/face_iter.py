@@ -14,6 +14,9 @@ Differences from upstream, all deliberate:
   upstream's ``mean`` path would normalise twice;
 * no ``**kwargs``: unknown arguments raise ``TypeError``. ``ctx_num`` is accepted and ignored, as
   upstream's ``**kwargs`` did.
+
+Batch data are handed to MXNet without a copy (``mx.nd.from_numpy(zero_copy=True)`` on a buffer
+allocated per batch and never reused), so consumers may keep batches as long as they like.
 """
 import collections
 import concurrent.futures

@@ -41,6 +41,7 @@ _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LEN_MASK = (1 << 29) - 1
 _IR_FORMAT = "<IfQQ"  # == MXNet's native 'IfQQ' on little-endian hosts (no padding: 4+4+8+8)
 _IR_SIZE = struct.calcsize(_IR_FORMAT)
+_FLOAT32_EXACT = 1 << 24  # largest range of integers float32 represents exactly
 
 IRHeader = collections.namedtuple("IRHeader", ["flag", "label", "id", "id2"])
 """Record header as ``mx.recordio.IRHeader``: ``label`` is a float, or a float32 array when flag > 0."""
@@ -546,6 +547,7 @@ def write_face_rec(out_dir, items, image_size=(112, 112), prefix="train"):
     # Header placeholder: same framed size whatever I0/I1 are (2 float32 labels, no magic inside).
     placeholder = pack(IRHeader(0, [0.0, 0.0], 0, 1))
     labels = []
+    writer = None
     try:
         writer = RecordWriter(tmp_rec, tmp_idx)
         writer.write(0, placeholder)
@@ -583,6 +585,11 @@ def write_face_rec(out_dir, items, image_size=(112, 112), prefix="train"):
         num_images = len(labels)
         i0 = num_images + 1
         present, starts = np.unique(labels, return_index=True)
+        if i0 + len(present) > _FLOAT32_EXACT:
+            # Header/identity labels are float32 (mx.recordio.pack): record ids above 2^24 are not exact.
+            raise ValueError(f"write_face_rec({out_dir}): {num_images} images + {len(present)} identities exceed "
+                             f"the {_FLOAT32_EXACT} record ids insightface's float32 labels can address; split "
+                             "the dataset")
         ends = np.append(starts[1:], num_images)
         for j, (a, b) in enumerate(zip(starts, ends)):
             writer.write(i0 + j, pack(IRHeader(0, [float(a + 1), float(b + 1)], i0 + j, 0)))
@@ -598,6 +605,8 @@ def write_face_rec(out_dir, items, image_size=(112, 112), prefix="train"):
         os.replace(tmp_idx, path_idx)
         write_property(out_dir, num_classes, H, W)
     finally:
+        if writer is not None and writer._f is not None:  # failed half-way: release the file before removing it
+            writer._f.close()
         for p in (tmp_rec, tmp_idx, stage_rec, stage_idx):
             if os.path.exists(p):
                 os.unlink(p)
