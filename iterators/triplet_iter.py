@@ -21,7 +21,7 @@ pool smaller than one bag raise ``ValueError`` naming the values and the fix (up
 the slices, crashes or asserts); identities are shuffled as lists (upstream's
 ``random.shuffle(range(...))`` fails on Python 3); when the model separates the data so well that
 a whole pass over the pool does not yield two batches, the iterator continues with what it has
-(one batch at least, with a warning) or raises ``RuntimeError`` instead of mining forever. Every
+(one batch at least, with a warning) or raises ``NoTripletsError`` instead of mining forever. Every
 random decision comes from one ``numpy.random.Generator`` seeded by ``seed``.
 """
 import concurrent.futures
@@ -45,6 +45,10 @@ MIN_BATCHES_PER_ROUND = 2
 # Bags mined in one round before giving up on reaching MIN_BATCHES_PER_ROUND, in passes over the pool.
 MAX_POOL_PASSES = 2
 _DECODE_CHUNK = 16  # images per decode task (amortises executor overhead)
+
+
+class NoTripletsError(RuntimeError):
+    """Mining found no full batch of semi-hard triplets in two passes over the data."""
 
 
 def _positive_int(name, value):
@@ -263,7 +267,7 @@ class TripletFaceImageIter(mx.io.DataIter):
                                    "leaves few semi-hard triplets at alpha %.3f; continuing with them",
                                    len(seq) // self.batch_size, bags, MAX_POOL_PASSES, self.alpha)
                     break
-                raise RuntimeError(
+                raise NoTripletsError(
                     f"TripletFaceImageIter: {bags} bags of {self.bag_size} images ({MAX_POOL_PASSES} passes over "
                     f"{self.path_imgrec}) gave {len(seq) // 3} triplets in full chunks, not one batch of "
                     f"{self.batch_size}: no semi-hard triplets at triplet_alpha={self.alpha}; raise triplet_alpha "
@@ -365,4 +369,4 @@ class TripletFaceImageIter(mx.io.DataIter):
         augment.to_chw_float(img, out)
 
 
-__all__ = ["TripletFaceImageIter", "l2_normalize_rows", "run_lengths"]
+__all__ = ["TripletFaceImageIter", "NoTripletsError", "l2_normalize_rows", "run_lengths"]
