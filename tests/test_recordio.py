@@ -224,3 +224,21 @@ def test_property_errors(tmp_path, content, message):
     (tmp_path / "property").write_text(content)
     with pytest.raises(R.RecordFormatError, match=message):
         R.read_property(tmp_path)
+
+
+def test_inconsistent_header_errors(tmp_path):
+    def write(records):
+        w = mx.recordio.MXIndexedRecordIO(str(tmp_path / "h.idx"), str(tmp_path / "h.rec"), "w")
+        for k, (label, payload) in enumerate(records):
+            w.write_idx(k, mx.recordio.pack(mx.recordio.IRHeader(0, label, k, 0), payload))
+        w.close()
+
+    write([([5, 2], b""), (0, b"img")])
+    with pytest.raises(R.RecordFormatError, match=r"h.rec: header record 0 has label \[5, 2\]; expected 1 <="):
+        R.FaceRecordReader(str(tmp_path / "h.rec"))
+    write([([2, 4], b""), (0, b"img"), ([1, 2], b"")])
+    with pytest.raises(R.RecordFormatError, match=r"identity records are 2..3 but record 3 is not in .*h.idx"):
+        R.FaceRecordReader(str(tmp_path / "h.rec"))
+    write([([2, 3], b""), (0, b"img"), (7.0, b"")])
+    with pytest.raises(R.RecordFormatError, match=r"identity record 2 has label 7.0; expected \[start, end\)"):
+        R.FaceRecordReader(str(tmp_path / "h.rec"))
