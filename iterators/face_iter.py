@@ -102,9 +102,10 @@ class FaceImageIter(mx.io.DataIter):
                 "((x - 127.5) * 0.0078125), so subtracting a mean here would normalise twice. Pass mean=None")
         if aug_list is not None and not all(callable(a) for a in aug_list):
             raise ValueError("FaceImageIter: aug_list must be a list of callables f(img, rng) -> img")
+        # bool is an int: HEAD's sample_config has data_cutoff = False, which upstream reads as 0.
         for name, value in (("cutoff", cutoff), ("color_jittering", color_jittering),
                             ("images_filter", images_filter), ("num_workers", num_workers)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            if not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"FaceImageIter: {name} must be a non-negative integer, got {value!r}")
         if int(prefetch) < 1:
             raise ValueError(f"FaceImageIter: prefetch must be >= 1 batch, got {prefetch!r}")

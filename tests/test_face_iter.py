@@ -299,6 +299,7 @@ def test_constructor_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"property file not found: .*property.*or pass num_classes"):
         FaceImageIter(2, (3, S, S), rec)
     assert FaceImageIter(2, (3, S, S), rec, num_classes=3, ctx_num=2).ctx_num == 2  # accepted, ignored
+    assert FaceImageIter(2, (3, S, S), rec, num_classes=3, cutoff=False).cutoff == 0  # HEAD's data_cutoff=False
     (tmp_path / "train.idx").unlink()
     with pytest.raises(FileNotFoundError, match=r"index file not found: .*train.idx"):
         FaceImageIter(2, (3, S, S), rec, num_classes=3)
