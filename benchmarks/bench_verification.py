@@ -17,15 +17,18 @@ rule (SciPy >= 1.9 cannot run the original). The benchmark asserts that every re
 number is identical (``np.array_equal`` / ``==``), then writes ``<output>/verification.json``.
 """
 import argparse
-import logging
+import json
+import os
+import platform
 import time
 
 import numpy as np
 from sklearn.model_selection import KFold
 from sklearn.preprocessing import normalize
 
-from benchmarks.common import RESULTS_DIR, write_json
 from eval import verification
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 NUM_PAIRS = 6000
 EMB_SIZE = 512
@@ -153,13 +156,26 @@ def run(repeats=5, loop_repeats=1, seed=0):
     }
 
 
+def write_json(name, payload, results_dir=RESULTS_DIR):
+    """Write ``payload`` with the machine context to ``<results_dir>/<name>.json`` (atomic); return the path."""
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{name}.json")
+    machine = {"python": platform.python_version(), "numpy": np.__version__, "cpu_count": os.cpu_count(),
+               "loadavg_1_5_15": list(os.getloadavg()), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"name": name, "machine": machine, **payload}, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default=RESULTS_DIR, help="results directory")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of the vectorised code (best kept)")
     parser.add_argument("--loop-repeats", type=int, default=1, help="timed runs of the loop port (best kept)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = run(args.repeats, args.loop_repeats)
     path = write_json("verification", result, results_dir=args.output)
     for key in ("calculate_roc", "evaluate"):
