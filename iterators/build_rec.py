@@ -12,8 +12,9 @@ Inputs (spec §2.4):
   ``skimage.transform.SimilarityTransform.estimate``); ``aligned=0`` lines without landmarks are
   skipped as upstream does (and reported). Relative paths are relative to the ``.lst`` file.
 
-``--resize H,W`` resizes images that are not H x W (otherwise such images are skipped and
-reported: the iterator would reject them). Encoding runs in a thread pool (OpenCV releases the
+``--resize H,W`` resizes images that are not H x W. Without it, such images are packed as they
+are when FaceImageIter's ``resize_short`` brings them to H x W (e.g. 224x224 -> 112x112), and are
+skipped and reported otherwise (the iterator would reject them). Encoding runs in a thread pool (OpenCV releases the
 GIL) with progress logged every 10 %. Unreadable images are skipped, counted and listed in the
 summary, never silently dropped.
 
@@ -148,8 +149,22 @@ def align_face(img, landmark, image_size=(112, 112)):
     return cv2.warpAffine(img, M, (W, H), borderValue=0.0)
 
 
+def loaded_size(shape, H):
+    """Size FaceImageIter turns an (h, w) image into: ``resize_short(img, H)`` when h != H, else unchanged."""
+    h, w = shape[:2]
+    if h == H:
+        return h, w
+    return (H * h // w, H) if h > w else (H, H * w // h)
+
+
 def encode_item(item, image_size, resize=False, quality=95, encoding=".jpg"):
-    """Bytes to pack for ``item``, or raise ``ValueError`` saying why it cannot be used."""
+    """Bytes to pack for ``item``, or raise ``ValueError`` saying why it cannot be used.
+
+    Aligned images in JPEG/PNG are packed unchanged (face2rec2) when FaceImageIter can use them:
+    H x W already, or a size its ``resize_short`` brings to H x W (e.g. 224x224 for 112x112).
+    Otherwise the image is resized to H x W with ``resize=True`` (area when shrinking, bicubic when
+    enlarging; the aspect ratio is not kept) and re-encoded, or rejected.
+    """
     H, W = image_size
     try:
         with open(item.path, "rb") as f:
@@ -163,11 +178,15 @@ def encode_item(item, image_size, resize=False, quality=95, encoding=".jpg"):
         if item.landmark is None:
             raise ValueError("aligned=0 without landmarks (skipped, as face2rec2 does)")
         img = align_face(img, item.landmark, image_size)
-    elif img.shape[:2] == (H, W) and os.path.splitext(item.path)[1].lower() in (".jpg", ".jpeg", ".png"):
-        return raw  # already aligned, right size, a format every reader decodes: pack unchanged (face2rec2)
+    elif img.shape[:2] != (H, W) and not resize:
+        got = loaded_size(img.shape, H)
+        if got != (H, W):
+            raise ValueError(f"image is {img.shape[0]}x{img.shape[1]}: FaceImageIter would load it as "
+                             f"{got[0]}x{got[1]}, not {H}x{W}; pass --resize {H},{W}")
+    if (item.aligned and not (resize and img.shape[:2] != (H, W))
+            and os.path.splitext(item.path)[1].lower() in (".jpg", ".jpeg", ".png")):
+        return raw  # aligned, usable size, a format every reader decodes: pack unchanged (face2rec2)
     if img.shape[:2] != (H, W):
-        if not resize:
-            raise ValueError(f"image is {img.shape[0]}x{img.shape[1]}, expected {H}x{W}; pass --resize {H},{W}")
         shrink = img.shape[0] > H and img.shape[1] > W
         img = cv2.resize(img, (W, H), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if encoding == ".jpg" else []

@@ -57,13 +57,22 @@ def test_min_images_and_resize(tree, tmp_path):
     stats = build_rec.build_rec(build_rec.scan_folder(root, min_images=2)[0], tmp_path / "a", (S, S))
     # carol counts 2 image files (one unreadable), so min_images=2 keeps her; the 24x20 image is skipped.
     assert stats["num_identities"] == 3 and stats["num_images"] == 6
-    assert any("z_big.jpg" in w and "image is 24x20, expected 16x16; pass --resize 16,16" in r
-               for w, r in stats["skipped"])
+    assert any("z_big.jpg" in w and "image is 24x20: FaceImageIter would load it as 19x16, not 16x16; pass "
+               "--resize 16,16" in r for w, r in stats["skipped"])
     stats = build_rec.build_rec(build_rec.scan_folder(root, min_images=3)[0], tmp_path / "b", (S, S), resize=True)
     reader = FaceRecordReader(stats["path_imgrec"])
     assert stats["num_images"] == 4 and reader.labels().tolist() == [0, 0, 0, 0]  # only bob: label 0
     resized = reader.read(reader.imgidx[-1])[1]
     assert resized != big and decode_image(resized, (S, S)).shape == (S, S, 3)
+
+
+def test_sizes_the_iterator_resizes_are_packed_unchanged(tmp_path):
+    double = _write(tmp_path / "faces" / "a" / "double.png", np.full((2 * S, 2 * S, 3), 9, np.uint8))
+    stats = build_rec.build_rec(build_rec.scan_folder(tmp_path / "faces")[0], tmp_path / "out", (S, S))
+    reader = FaceRecordReader(stats["path_imgrec"])
+    assert stats["num_skipped"] == 0 and reader.read(1)[1] == double  # resize_short(32x32, 16) = 16x16
+    assert build_rec.loaded_size((32, 32), 16) == (16, 16) and build_rec.loaded_size((16, 20), 16) == (16, 20)
+    assert build_rec.loaded_size((30, 20), 16) == (24, 16) and build_rec.loaded_size((20, 30), 16) == (16, 24)
 
 
 def test_similarity_transform_recovers_known_transform():
