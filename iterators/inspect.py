@@ -25,8 +25,6 @@ import numpy as np
 from iterators import augment
 from iterators.recordio import FaceRecordReader, read_property
 
-logger = logging.getLogger(__name__)
-
 
 def inspect_dataset(data_dir, prefix="train", decode=False):
     """Statistics and problems of ``<data_dir>/<prefix>.rec`` + ``property``.

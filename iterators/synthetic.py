@@ -1,14 +1,15 @@
 """Synthetic face-like identities: learnable classes and meaningful held-out verification.
 
-An identity is a deterministic function of ``(seed, identity)``: skin, hair, eye and mouth colours; face-oval size and position; eye height, spacing and size; nose length; mouth
-position and width; and three coloured marks at identity-specific places. Each image of an
-identity adds nuisance drawn from ``(seed, identity, image)``: eye openness and mouth opening
-(expression), background colour, rotation (±12°), scale (0.9-1.1), shift (±5 px), global gain/bias, a linear
+An identity is a deterministic function of ``(seed, identity)``: skin, hair, eye and mouth
+colours; face-oval size and position; eye height, spacing and size; nose length; mouth position
+and width; and three coloured marks at identity-specific places. Each image of an identity adds
+nuisance drawn from ``(seed, identity, image)``: eye openness and mouth opening (expression),
+background colour, rotation (±12°), scale (0.9-1.1), shift (±5 px), global gain/bias, a linear
 illumination gradient, a per-channel colour cast and Gaussian noise. Identity is therefore
 recoverable only through geometry and colour layout that survive the nuisance, which is what
 a face embedding has to learn; raw-pixel distance is a weak baseline.
 
-Everything is plain numpy + OpenCV drawing (about 0.1 ms per 112x112 image).
+Everything is plain numpy + OpenCV drawing (a few ms per 112x112 image).
 """
 import cv2
 import numpy as np
