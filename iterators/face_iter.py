@@ -172,7 +172,7 @@ class FaceImageIter(mx.io.DataIter):
 
     # ------------------------------------------------------------------ DataIter contract
     def reset(self):
-        """Start a new epoch: drop prefetched work, reshuffle (if ``shuffle``), restart at 0."""
+        """Start a new epoch: drop prefetched work, reshuffle (if ``shuffle``), restart at 0, start prefetching."""
         logger.debug("call reset()")
         for fut in self._pending:
             if isinstance(fut, concurrent.futures.Future):
@@ -187,6 +187,7 @@ class FaceImageIter(mx.io.DataIter):
             self.seq = self._rng.permutation(np.asarray(self.imgidx, dtype=np.int64))
         self.cur = 0
         self.is_init = True
+        self._fill()  # decode the first batches of the epoch before the first next() asks for them
 
     def next(self):
         """Next ``DataBatch``; ``StopIteration`` when fewer than ``batch_size`` images remain."""
