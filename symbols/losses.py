@@ -128,10 +128,10 @@ def cosine_logits(embedding, num_classes, weight, s):
     return mx.sym.FullyConnected(data=emb_n, weight=weight_n, no_bias=True, num_hidden=num_classes, name="fc7_cos")
 
 
-def _replace_target(cos_logits, label, num_classes, new_zy, zy):
+def _replace_target(cos_logits, label, num_classes, new_zy, zy, dtype):
     """fc7 = cos_logits + onehot(label) * (new_zy - zy): only the target logit changes."""
     diff = mx.sym.expand_dims(new_zy - zy, axis=1)
-    onehot = mx.sym.one_hot(label, depth=num_classes, on_value=1.0, off_value=0.0)
+    onehot = mx.sym.one_hot(label, depth=num_classes, on_value=1.0, off_value=0.0, dtype=dtype)
     return mx.sym.elemwise_add(cos_logits, mx.sym.broadcast_mul(onehot, diff), name="fc7")
 
 
@@ -139,7 +139,7 @@ def _clipped_cos(zy, s):
     return mx.sym.clip(zy / s, -1.0 + COS_CLIP_EPS, 1.0 - COS_CLIP_EPS)
 
 
-def margin_softmax_logits(embedding, label, num_classes, weight, s=64.0, m1=1.0, m2=0.5, m3=0.0):
+def margin_softmax_logits(embedding, label, num_classes, weight, s=64.0, m1=1.0, m2=0.5, m3=0.0, dtype="float32"):
     """Combined-margin logits (HEAD ``margin_softmax``), named ``fc7``.
 
     .. math:: z_j = s\\cos\\theta_j\\ (j \\ne y), \\qquad z_y = s(\\cos(m_1\\theta_y + m_2) - m_3)
@@ -148,6 +148,7 @@ def margin_softmax_logits(embedding, label, num_classes, weight, s=64.0, m1=1.0,
     (CosFace, no arccos); otherwise θ = arccos(clip(cosθ)), exactly as HEAD (no θ+m>π fallback).
 
     Inputs: ``embedding`` (B, D), ``label`` (B,) class ids, ``weight`` (C, D). Output (B, C).
+    ``dtype`` is the float type of the graph (the one-hot masks are created in it).
     """
     if s <= 0:
         raise ValueError(f"margin softmax: loss_s={s!r} must be > 0")
@@ -155,7 +156,7 @@ def margin_softmax_logits(embedding, label, num_classes, weight, s=64.0, m1=1.0,
     if m1 == 1.0 and m2 == 0.0 and m3 == 0.0:
         return mx.sym.identity(fc7, name="fc7")
     if m1 == 1.0 and m2 == 0.0:
-        onehot = mx.sym.one_hot(label, depth=num_classes, on_value=s * m3, off_value=0.0)
+        onehot = mx.sym.one_hot(label, depth=num_classes, on_value=s * m3, off_value=0.0, dtype=dtype)
         return mx.sym.elemwise_sub(fc7, onehot, name="fc7")
     zy = mx.sym.pick(fc7, label, axis=1)
     theta = mx.sym.arccos(_clipped_cos(zy, s))
@@ -166,10 +167,10 @@ def margin_softmax_logits(embedding, label, num_classes, weight, s=64.0, m1=1.0,
     body = mx.sym.cos(theta)
     if m3 > 0.0:
         body = body - m3
-    return _replace_target(fc7, label, num_classes, body * s, zy)
+    return _replace_target(fc7, label, num_classes, body * s, zy, dtype)
 
 
-def arcface_v1_logits(embedding, label, num_classes, weight, s=64.0, m=0.5, easy_margin=0):
+def arcface_v1_logits(embedding, label, num_classes, weight, s=64.0, m=0.5, easy_margin=0, dtype="float32"):
     """ArcFace with insightface OLD ``--loss-type 4``'s fallback, named ``fc7``.
 
     .. math::
@@ -199,14 +200,14 @@ def arcface_v1_logits(embedding, label, num_classes, weight, s=64.0, m=0.5, easy
     new_zy = (cos_t * cos_m - sin_t * sin_m) * s
     zy_keep = zy if easy_margin else zy - s * mm
     new_zy = mx.sym.where(cond, new_zy, zy_keep)
-    return _replace_target(fc7, label, num_classes, new_zy, zy)
+    return _replace_target(fc7, label, num_classes, new_zy, zy, dtype)
 
 
 def head_logits(embedding, label, head, num_classes, emb_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, easy_margin=0,
-                fc7_no_bias=False, fc7_lr_mult=1.0, fc7_wd_mult=1.0):
+                fc7_no_bias=False, fc7_lr_mult=1.0, fc7_wd_mult=1.0, dtype="float32"):
     """Classifier logits ``fc7`` (B, C) of a softmax-family head; creates ``fc7_weight`` (C, D).
 
-    ``arcface_v1`` uses m = m2 and requires m1 == 1 and m3 == 0.
+    ``arcface_v1`` uses m = m2 and requires m1 == 1 and m3 == 0. ``dtype``: float type of the graph.
     """
     check_head(head)
     if head in TRIPLET_HEADS:
@@ -218,8 +219,9 @@ def head_logits(embedding, label, head, num_classes, emb_size, s=64.0, m1=1.0, m
         if m1 != 1.0 or m3 != 0.0:
             raise ValueError(f"arcface_v1 takes its margin from loss_m2 only; got loss_m1={m1}, loss_m3={m3} "
                              "(use loss 'combined' for m1/m3 margins)")
-        return arcface_v1_logits(embedding, label, num_classes, weight, s=s, m=m2, easy_margin=easy_margin)
-    return margin_softmax_logits(embedding, label, num_classes, weight, s=s, m1=m1, m2=m2, m3=m3)
+        return arcface_v1_logits(embedding, label, num_classes, weight, s=s, m=m2, easy_margin=easy_margin,
+                                 dtype=dtype)
+    return margin_softmax_logits(embedding, label, num_classes, weight, s=s, m1=m1, m2=m2, m3=m3, dtype=dtype)
 
 
 def ce_loss(logits, label, num_classes, per_batch_size):
