@@ -17,6 +17,13 @@ The functions here apply exactly the same rule with numpy on chunks of many pair
 Unlike upstream, the inputs are never modified: upstream aliases a row of its distance matrix
 (``neg_dists_sqr = pdists[a_idx]``) and writes NaN into it in place (spec §4.4, §13); here the
 own-class columns are excluded with a mask instead.
+
+Precision: every decision is the one float64 arithmetic on the differences ``e_i - e_j`` gives. The
+bulk of the distances comes from a float32 matrix product (twice the speed of float64); entries
+closer to a boundary than that product's error bound are recomputed in float64
+(``_iter_candidate_chunks``). Upstream computes the negative distances in float32 (``mx.nd.array``'s
+default dtype) and the positive one in float64, so it can differ from any exact rule within ~1e-6
+of a boundary; ``benchmarks/bench_triplet_mining.py`` counts such cases.
 """
 import logging
 
@@ -28,6 +35,9 @@ logger = logging.getLogger(__name__)
 # 2**22 float32 values are 16 MiB; a few temporaries of that size keep the peak memory of mining a
 # 7,200-image bag around 100 MiB while the matrix products stay large enough to run near BLAS speed.
 CHUNK_ELEMENTS = 2 ** 22
+# Uniform draws per (anchor, positive) pair tried before its whole row is scanned (rejection sampling).
+# A pair whose candidates are a fraction f of the bag is settled with probability 1 - (1 - f)^32.
+REJECTION_DRAWS = 32
 
 
 def _as_rng(rng):
@@ -119,57 +129,124 @@ def _own_class_entries(block_start, block_end):
     return rows, np.repeat(block_start, lengths) + offsets
 
 
+def _nonzero(mask):
+    """``np.nonzero`` of a 2-D boolean array, faster when few entries are set.
+
+    Rows whose length is a multiple of 8 are scanned as 64-bit words first (8 flags per word), and
+    only the words that are not zero are expanded. Same (row-major) order as ``np.nonzero``.
+    """
+    rows, cols = mask.shape
+    if cols % 8 or not mask.flags.c_contiguous or mask.size == 0:
+        return np.nonzero(mask)
+    word_rows, word_cols = np.nonzero(mask.view(np.uint64))
+    bits_row, bits_col = np.nonzero(mask.reshape(rows, cols // 8, 8)[word_rows, word_cols])
+    return word_rows[bits_row], word_cols[bits_row] * 8 + bits_col
+
+
 def _exact_sq_dists(emb, rows, cols):
     """``||emb[rows] - emb[cols]||^2`` in float64 from the differences (the reference definition)."""
     diff = emb[rows] - emb[cols]
     return np.einsum("ij,ij->i", diff, diff)
 
 
-def _iter_candidate_chunks(emb, sizes, alpha, max_ap):
-    """Yield ``(anchors, positives, mask)`` for chunks of pairs; ``mask[k, n]`` marks candidates.
+class _PairChunk:
+    """Distances of a chunk of (anchor, positive) pairs to the whole bag, shared by the deciders below.
 
-    Decisions are those of float64 arithmetic on ``d(i, j) = sum_d (e_id - e_jd)^2``, at float32
-    speed: the distances of a chunk's anchors to the whole bag come from one float32 matrix product
-    ``d(a, n) = |e_a|^2 + |e_n|^2 - 2 e_a . e_n``, whose error is bounded by
-    ``tol = (D + 8) u (|e_a| + |e_n|)^2`` (u = 2^-24; ``D u`` covers the D-term dot products and
-    squared norms, ``8 u`` the float64 to float32 conversion and the few additions and subtractions). Entries farther than ``tol`` from both boundaries
-    (``diff = 0`` and ``diff = alpha``) are decided by the float32 values; the few inside the band
-    are recomputed exactly in float64. Every step is an array expression over the whole chunk.
+    ``dists`` (U, N) float32 holds ``d(a, n)`` for the U distinct anchors of the chunk (row
+    ``row_of_pair[k]`` for pair k), with +inf in the anchor's own class block so that no rule can
+    ever select it; ``nearest`` (U,) is each row's smallest distance to another class; ``pos`` (K,)
+    float64 holds the exact ``d(a, p)``.
     """
-    anchors, positives, block_start, block_end = class_pairs(sizes)
-    num_images, dim = emb.shape
-    if anchors.size == 0:
-        return
-    emb32 = emb.astype(np.float32)
-    sq_norms32 = np.einsum("ij,ij->i", emb32, emb32)
-    max_norm = float(np.sqrt(np.max(np.einsum("ij,ij->i", emb, emb))))
-    tol = np.float32((dim + 8) * 2.0 ** -24 * (2.0 * max_norm) ** 2)
-    pairs_per_chunk = max(1, CHUNK_ELEMENTS // max(num_images, 1))
-    for lo in range(0, anchors.size, pairs_per_chunk):
-        hi = min(lo + pairs_per_chunk, anchors.size)
-        chunk_a, chunk_p = anchors[lo:hi], positives[lo:hi]
-        pos = _exact_sq_dists(emb, chunk_a, chunk_p)                # (K,) float64
-        # Each anchor has up to n-1 positives: compute its distance row once and gather it per pair.
-        unique_a, row_of_pair = np.unique(chunk_a, return_inverse=True)
-        dists = sq_norms32[unique_a, None] + sq_norms32[None, :]
-        dists -= 2.0 * (emb32[unique_a] @ emb32.T)
-        diff = dists[row_of_pair]                                   # (K, N) float32: d(a, n) ...
-        diff -= pos.astype(np.float32)[:, None]                     # ... minus d(a, p)
-        mask = (diff > -tol) & (diff < np.float32(alpha) + tol)     # candidates plus the band
-        own_rows, own_cols = _own_class_entries(block_start[lo:hi], block_end[lo:hi])
-        mask[own_rows, own_cols] = False
-        if max_ap > 0:
-            mask &= (pos <= max_ap)[:, None]
-        rows_with_any = np.flatnonzero(mask.any(axis=1))
-        if rows_with_any.size:
-            sub_diff = diff[rows_with_any]
-            band = mask[rows_with_any] & ((sub_diff <= tol) | (sub_diff >= np.float32(alpha) - tol))
-            band_rows, band_cols = np.nonzero(band)
-            rows = rows_with_any[band_rows]
-            exact = _exact_sq_dists(emb, chunk_a[rows], band_cols) - pos[rows]
+
+    def __init__(self, emb, emb32, sq_norms32, anchors, positives, block_start, block_end):
+        self.anchors, self.positives = anchors, positives
+        self.pos = _exact_sq_dists(emb, anchors, positives)
+        self.pos32 = self.pos.astype(np.float32)
+        # Each anchor has up to n-1 positives: its distance row is computed once and shared.
+        unique_a, first, self.row_of_pair = np.unique(anchors, return_index=True, return_inverse=True)
+        self.dists = emb32[unique_a] @ emb32.T
+        self.dists *= -2.0
+        self.dists += sq_norms32[unique_a, None]
+        self.dists += sq_norms32[None, :]
+        own_rows, own_cols = _own_class_entries(block_start[first], block_end[first])
+        self.dists[own_rows, own_cols] = np.inf
+        self.nearest = self.dists.min(axis=1)
+
+
+class _CandidateRule:
+    """insightface's candidate rule decided as float64 arithmetic on the differences would decide it.
+
+    The bulk distances come from a float32 matrix product ``|e_a|^2 + |e_n|^2 - 2 e_a . e_n`` whose
+    error is below ``tol = (D + 8) u (|e_a| + |e_n|)^2`` (u = 2^-24; ``D u`` covers the D-term dot
+    products and squared norms, ``8 u`` the float64 -> float32 conversion and the few additions).
+    Entries of ``diff = d(a, n) - d(a, p)`` farther than ``tol`` from both boundaries (0 and alpha)
+    are decided by the float32 values; the few inside that band are recomputed in float64.
+    """
+
+    def __init__(self, embeddings, nrof_images_per_class, alpha, max_ap):
+        self.emb, sizes = _check_inputs(embeddings, nrof_images_per_class, alpha, max_ap)
+        self.alpha, self.max_ap = float(alpha), float(max_ap)
+        self.num_classes = sizes.size
+        self.num_images, dim = self.emb.shape
+        self.pairs = class_pairs(sizes)
+        self.emb32 = self.emb.astype(np.float32)
+        self.sq_norms32 = np.einsum("ij,ij->i", self.emb32, self.emb32)
+        max_norm = float(np.sqrt(np.max(np.einsum("ij,ij->i", self.emb, self.emb)))) if self.num_images else 0.0
+        self.tol = np.float32((dim + 8) * 2.0 ** -24 * (2.0 * max_norm) ** 2)
+        self.alpha32 = np.float32(self.alpha)
+
+    def chunks(self):
+        """Yield :class:`_PairChunk` over all pairs, ``CHUNK_ELEMENTS // N`` pairs at a time."""
+        anchors, positives, block_start, block_end = self.pairs
+        step = max(1, CHUNK_ELEMENTS // max(self.num_images, 1))
+        for lo in range(0, anchors.size, step):
+            part = slice(lo, lo + step)
+            yield _PairChunk(self.emb, self.emb32, self.sq_norms32, anchors[part], positives[part],
+                             block_start[part], block_end[part])
+
+    def eligible(self, chunk):
+        """Pairs of the chunk that may have candidates (indices into the chunk).
+
+        Drops the pairs skipped by ``max_ap`` and those whose nearest other-class image is already
+        at ``d(a, n) >= d(a, p) + alpha + tol`` (no candidate is possible; after pre-training this is
+        most pairs, and it costs one pass over the distance rows instead of one per pair).
+        """
+        possible = chunk.nearest[chunk.row_of_pair] < chunk.pos32 + self.alpha32 + self.tol
+        if self.max_ap > 0:
+            possible &= chunk.pos <= self.max_ap
+        return np.flatnonzero(possible)
+
+    def _refine(self, chunk, rows, cols, diff, loose):
+        """Recompute in float64 the entries of ``loose`` whose float32 ``diff`` lies within ``tol`` of a
+        boundary; ``rows``/``cols`` map each entry of ``diff`` to (pair in chunk, image)."""
+        band = loose & ((diff <= self.tol) | (diff >= self.alpha32 - self.tol))
+        band_at = _nonzero(band)
+        if band_at[0].size:
+            pair_rows, images = rows[band_at], cols[band_at]
+            exact = _exact_sq_dists(self.emb, chunk.anchors[pair_rows], images) - chunk.pos[pair_rows]
             # exact > 0 is exactly pos < neg for finite floats (x - y == 0 only when x == y).
-            mask[rows, band_cols] = (exact < alpha) & (exact > 0.0)
-        yield chunk_a, chunk_p, mask
+            loose[band_at] = (exact < self.alpha) & (exact > 0.0)
+        return loose
+
+    def decide(self, chunk, rows, cols):
+        """Candidate flags (same shape as ``cols``) of images ``cols[k, j]`` for pairs ``rows[k]``."""
+        rows2 = np.broadcast_to(rows[:, None], cols.shape)
+        diff = chunk.dists[chunk.row_of_pair[rows2], cols] - chunk.pos32[rows2]
+        loose = (diff > -self.tol) & (diff < self.alpha32 + self.tol)   # own class: inf, never loose
+        return self._refine(chunk, rows2, cols, diff, loose)
+
+    def mask(self, chunk, rows):
+        """Candidate mask (len(rows), N) of the pairs ``rows`` of the chunk over the whole bag."""
+        diff = chunk.dists[chunk.row_of_pair[rows]]                 # (K, N) float32: d(a, n) ...
+        diff -= chunk.pos32[rows, None]                             # ... minus d(a, p)
+        loose = (diff > -self.tol) & (diff < self.alpha32 + self.tol)
+        with_any = np.flatnonzero(loose.any(axis=1))
+        if with_any.size:
+            sub = loose[with_any]
+            cols = np.broadcast_to(np.arange(self.num_images), sub.shape)
+            loose[with_any] = self._refine(chunk, np.broadcast_to(rows[with_any, None], sub.shape), cols,
+                                           diff[with_any], sub)
+        return loose
 
 
 def semi_hard_candidates(embeddings, nrof_images_per_class, alpha, max_ap=0.0):
@@ -191,11 +268,15 @@ def semi_hard_candidates(embeddings, nrof_images_per_class, alpha, max_ap=0.0):
         The sorted candidate negatives of every within-class pair ``a < p`` (empty when none).
         Used by tests and the benchmark; :func:`pick_triplets` draws from these sets.
     """
-    emb, sizes = _check_inputs(embeddings, nrof_images_per_class, alpha, max_ap)
+    rule = _CandidateRule(embeddings, nrof_images_per_class, alpha, max_ap)
     result = {}
-    for chunk_a, chunk_p, mask in _iter_candidate_chunks(emb, sizes, alpha, max_ap):
-        for k, (a, p) in enumerate(zip(chunk_a.tolist(), chunk_p.tolist())):
-            result[(a, p)] = np.flatnonzero(mask[k])
+    empty = np.zeros(0, dtype=np.int64)
+    for chunk in rule.chunks():
+        result.update((pair, empty) for pair in zip(chunk.anchors.tolist(), chunk.positives.tolist()))
+        rows = rule.eligible(chunk)
+        mask = rule.mask(chunk, rows)
+        for k, row in enumerate(rows.tolist()):
+            result[(int(chunk.anchors[row]), int(chunk.positives[row]))] = np.flatnonzero(mask[k])
     return result
 
 
@@ -228,26 +309,36 @@ def pick_triplets(embeddings, nrof_images_per_class, alpha, max_ap=0.0, rng=None
     ValueError
         Non-2-D or non-finite embeddings, block sizes that do not sum to N, negative alpha/max_ap.
     """
-    emb, sizes = _check_inputs(embeddings, nrof_images_per_class, alpha, max_ap)
+    rule = _CandidateRule(embeddings, nrof_images_per_class, alpha, max_ap)
     rng = _as_rng(rng)
+    draws = REJECTION_DRAWS
     picked = []
-    # Running candidate counts fit int16 for bags below 32,768 images (7,200 upstream).
-    count_dtype = np.int16 if emb.shape[0] < np.iinfo(np.int16).max else np.int32
-    for chunk_a, chunk_p, mask in _iter_candidate_chunks(emb, sizes, alpha, max_ap):
-        counts = np.count_nonzero(mask, axis=1)
-        # One uniform draw per pair (pairs without candidates draw too and are dropped, which keeps
-        # the generator's consumption independent of the outcome).
-        choice = rng.integers(0, np.maximum(counts, 1))
-        keep = counts > 0
-        if not np.any(keep):
-            continue
-        # The chosen negative is the column where the running count of candidates first exceeds
-        # the draw, i.e. the (choice+1)-th candidate of the row.
-        running = np.cumsum(mask[keep], axis=1, dtype=count_dtype)
-        negatives = np.argmax(running > choice[keep, None].astype(count_dtype), axis=1)
-        picked.append(np.stack([chunk_a[keep], chunk_p[keep], negatives], axis=1))
-    if not picked:
-        return []
-    triplets = np.concatenate(picked)
+    for chunk in rule.chunks():
+        rows = rule.eligible(chunk)
+        negatives = np.full(rows.size, -1, dtype=np.int64)
+        if draws and rows.size:
+            # Rejection sampling: the first candidate among uniform draws over the bag is uniform over
+            # the candidates, whatever their number; it settles the pairs with many candidates (the
+            # common case early in training) without scanning their rows.
+            cols = rng.integers(0, rule.num_images, size=(rows.size, draws))
+            hits = rule.decide(chunk, rows, cols)
+            found = hits.any(axis=1)
+            negatives[found] = cols[found, np.argmax(hits[found], axis=1)]
+        rest = np.flatnonzero(negatives < 0)
+        if rest.size:
+            # Pairs not settled by the draws have few candidates: list them, then draw one uniform
+            # rank per pair (pairs without candidates draw too and are dropped, keeping the generator's
+            # consumption independent of the outcome).
+            cand_rows, cand_cols = _nonzero(rule.mask(chunk, rows[rest]))
+            counts = np.bincount(cand_rows, minlength=rest.size)
+            choice = rng.integers(0, np.maximum(counts, 1))
+            keep = counts > 0
+            first = np.cumsum(counts) - counts
+            negatives[rest[keep]] = cand_cols[first[keep] + choice[keep]]
+        ok = negatives >= 0
+        picked.append(np.stack([chunk.anchors[rows[ok]], chunk.positives[rows[ok]], negatives[ok]], axis=1))
+    triplets = np.concatenate(picked) if picked else np.zeros((0, 3), dtype=np.int64)
+    logger.debug("pick_triplets: %d triplets from %d images in %d classes", len(triplets), rule.num_images,
+                 rule.num_classes)
     triplets = triplets[rng.permutation(len(triplets))]
     return [tuple(t) for t in triplets.tolist()]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import iterators.triplet_mining as triplet_mining
-from benchmarks.bench_triplet_mining import upstream_pick_triplets
+from benchmarks.bench_triplet_mining import upstream_pairwise_dists, upstream_pick_triplets
 from iterators import pick_triplets
 from iterators.triplet_mining import class_pairs, semi_hard_candidates
 
@@ -56,8 +56,15 @@ def test_candidate_sets_equal_brute_force(alpha, max_ap):
         assert set(got[key].tolist()) == cands, key
 
 
+@pytest.fixture(params=[0, triplet_mining.REJECTION_DRAWS], ids=["scan-only", "draws-then-scan"])
+def draws(request, monkeypatch):
+    """Run a test with and without the rejection-sampling step of pick_triplets."""
+    monkeypatch.setattr(triplet_mining, "REJECTION_DRAWS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 5.0])
-def test_triplets_follow_rule_one_per_pair_with_candidates(alpha):
+def test_triplets_follow_rule_one_per_pair_with_candidates(alpha, draws):
     rng = np.random.default_rng(3)
     emb = clustered(rng, SIZES, 8, 0.9).astype(np.float32)
     expected = brute_force_candidates(emb, SIZES, alpha)
@@ -85,7 +92,7 @@ def test_random_embeddings_no_structure_matches_brute_force():
     assert all(n in expected[(a, p)] for a, p, n in triplets)
 
 
-def test_max_ap_skips_far_positive_pairs():
+def test_max_ap_skips_far_positive_pairs(draws):
     rng = np.random.default_rng(5)
     sizes = [5] * 8
     emb = clustered(rng, sizes, 4, 1.0)
@@ -117,7 +124,7 @@ def test_seeded_determinism_and_shuffle():
     assert {t[:2] for t in fresh} == {t[:2] for t in first}
 
 
-def test_negative_drawn_uniformly_among_candidates():
+def test_negative_drawn_uniformly_among_candidates(draws):
     # One class of 2 (a=0, p=1) at distance^2 0.5; four negatives at distance^2 0.6..0.75 are
     # candidates for alpha 0.3, two far ones are not.
     def point(d2):
@@ -182,10 +189,21 @@ def test_matches_upstream_port_on_small_bag():
     sizes = [5] * 20
     emb = clustered(rng, sizes, 16, 1.3)
     port = {}
-    upstream_pick_triplets(emb, sizes, 0.3, pdist_dtype=np.float64, candidates=port)
+    upstream_pick_triplets(emb, sizes, 0.3, pdists=upstream_pairwise_dists(emb, np.float64), candidates=port)
     ours = semi_hard_candidates(emb, sizes, 0.3)
     assert ours.keys() == port.keys()
     assert all(np.array_equal(ours[k], port[k]) for k in ours)
+
+
+@pytest.mark.parametrize("shape", [(5, 16), (3, 13), (1, 8), (0, 8)])
+def test_sparse_nonzero_equals_numpy(shape):
+    rng = np.random.default_rng(0)
+    for density in (0.0, 0.02, 0.5, 1.0):
+        mask = rng.random(shape) < density
+        got = triplet_mining._nonzero(mask)
+        expected = np.nonzero(mask)
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
 
 
 def test_degenerate_bags():
