@@ -16,12 +16,22 @@ The functions here apply exactly the same rule with numpy on chunks of many pair
 
 Unlike upstream, the inputs are never modified: upstream aliases a row of its distance matrix
 (``neg_dists_sqr = pdists[a_idx]``) and writes NaN into it in place (spec §4.4, §13); here the
-own-class columns are excluded with a mask instead.
+own-class entries are set to +inf in a private distance matrix instead.
 
-Precision: every decision is the one float64 arithmetic on the differences ``e_i - e_j`` gives. The
-bulk of the distances comes from a float32 matrix product (twice the speed of float64); entries
-closer to a boundary than that product's error bound are recomputed in float64
-(``_iter_candidate_chunks``). Upstream computes the negative distances in float32 (``mx.nd.array``'s
+How (per chunk of pairs, no Python loop over pairs or negatives):
+
+1. one float32 matrix product gives the distance rows of the chunk's anchors to the whole bag; the
+   anchor's own class block is set to +inf, so no rule can select it;
+2. pairs whose nearest other-class image is already beyond ``d(a, p) + alpha`` are dropped (after
+   pre-training, most pairs) at the cost of one minimum per row;
+3. for the others, 32 uniform draws over the bag are tested first: the first candidate among
+   them is a uniform draw from the candidate set (rejection sampling), which settles the pairs with
+   many candidates (early in training) without scanning their rows;
+4. the pairs left are scanned in full, their candidates listed and one drawn uniformly.
+
+Precision: every decision is the one float64 arithmetic on the differences ``e_i - e_j`` gives.
+Entries closer to a boundary than the float32 product's error bound are recomputed in float64
+(:class:`_CandidateRule`). Upstream computes the negative distances in float32 (``mx.nd.array``'s
 default dtype) and the positive one in float64, so it can differ from any exact rule within ~1e-6
 of a boundary; ``benchmarks/bench_triplet_mining.py`` counts such cases.
 """
