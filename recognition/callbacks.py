@@ -24,6 +24,7 @@ import math
 import os
 import time
 
+import mxnet as mx
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -189,6 +190,10 @@ class VerificationCallback:
         self.sink = sink
 
     def run(self, module, step):
+        # Let pending optimizer updates finish before inference forwards on the same executors: with MKLDNN
+        # (and fast PReLU) an is_train=False forward racing the update was seen to fail ("could not create a
+        # primitive descriptor for a sum primitive").
+        mx.nd.waitall()
         results = {}
         for name, data_set in self.ver_sets:
             _, _, acc2, std2, xnorm, _ = self.test_fn(data_set, module, self.batch_size, self.nfolds)
