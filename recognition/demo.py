@@ -64,7 +64,7 @@ def evaluate_checkpoint(prefix, epoch, pack_path, image_size, batch_size=50):
     model.set_params(arg_params, aux_params, allow_missing=False, allow_extra=True)
     _, _, acc, std, _, _ = verification.test(data_set, model, batch_size, 10)
     pixel = verification.pixel_baseline(data_set, nfolds=10)
-    return {"model": (float(acc), float(std)), "pixels": (float(pixel[0]), float(pixel[1]))}
+    return {"model": (float(acc), float(std)), "pixels": (float(pixel.acc2), float(pixel.std2))}
 
 
 def main(argv=None):
