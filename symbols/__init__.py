@@ -146,6 +146,8 @@ def get_symbol(config):
                                    angular=head == "atriplet")
         outputs += [mx.sym.BlockGrad(label), mx.sym.MakeLoss(loss)]
         return mx.sym.Group(outputs)
+    margins = {key: get(key) for key in ("loss_s", "loss_m1", "loss_m2", "loss_m3")}
+    _warn_if_margins_differ_from_preset(head, margins)
     num_classes = int(get("num_classes"))
     if num_classes <= 0:
         raise ValueError(f"get_symbol: num_classes={num_classes} must be > 0 (set it, or let the engine read "
@@ -160,6 +162,18 @@ def get_symbol(config):
         ce = losses.ce_loss(logits, label, num_classes, int(get("per_batch_size")))
         outputs.append(mx.sym.BlockGrad(ce, name="ce_loss"))
     return mx.sym.Group(outputs)
+
+
+def _warn_if_margins_differ_from_preset(head, margins):
+    """Log when e.g. loss='cosface' is built with base's loss_m2=0.5 (a combined margin, not CosFace)."""
+    preset = losses.HEAD_PRESETS[head]
+    if head == "softmax":
+        return
+    differs = {k: v for k, v in margins.items() if float(v) != float(preset[k])}
+    if differs:
+        logger.warning("loss %r built with %s, which differ from its preset %s: the margins come from the config "
+                       "(as insightface HEAD); set them explicitly or apply symbols.losses.HEAD_PRESETS[%r]",
+                       head, differs, {k: preset[k] for k in differs}, head)
 
 
 def get_initializer(network):

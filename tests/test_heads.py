@@ -316,6 +316,16 @@ def test_get_symbol_missing_keys_take_presets_and_base():
     assert not [n for n in _nodes(sym) if n["op"] == "arccos"]
 
 
+def test_get_symbol_warns_when_margins_differ_from_preset(caplog):
+    with caplog.at_level("WARNING", logger="symbols"):
+        symbols.get_symbol({**TINY, "loss": "cosface", "loss_m2": 0.5, "loss_m3": 0.35})
+    assert "differ from its preset" in caplog.text and "loss_m2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="symbols"):
+        symbols.get_symbol({**TINY, "loss": "cosface"})
+    assert "differ from its preset" not in caplog.text
+
+
 def test_get_symbol_errors():
     with pytest.raises(ValueError, match="valid heads"):
         symbols.get_symbol({**TINY, "loss": "arcfce"})
