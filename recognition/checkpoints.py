@@ -29,6 +29,7 @@ RESUME_DIR = "resume"
 STATE_FILE = "state.json"
 PARAMS_FILE = "full.params"
 OPTIMIZER_FILE = "optimizer.states"
+SYMBOL_FILE = "symbol.json"  # training symbol of the run, compared on resume
 KEEP_RESUME_STATES = 2  # newest complete resume states kept (older ones are deleted after a new one lands)
 
 
@@ -146,13 +147,14 @@ def _resume_root(run_dir):
     return os.path.join(os.fspath(run_dir), RESUME_DIR)
 
 
-def save_resume_state(run_dir, state, arg_params, aux_params, save_optimizer):
+def save_resume_state(run_dir, state, arg_params, aux_params, save_optimizer, symbol_json=None):
     """Write ``resume/step-%010d`` atomically (temp directory + rename) and prune old states.
 
     Parameters
     ----------
     state : dict (JSON-serialisable), must contain ``global_step``
     save_optimizer : callable(path) writing the optimizer states file (``Module.save_optimizer_states``)
+    symbol_json : str or None, the full training symbol (``symbol.json``), checked when resuming
 
     Returns
     -------
@@ -165,6 +167,8 @@ def save_resume_state(run_dir, state, arg_params, aux_params, save_optimizer):
     try:
         save_params(os.path.join(tmp, PARAMS_FILE), arg_params, aux_params)
         _atomic_write(os.path.join(tmp, OPTIMIZER_FILE), save_optimizer)
+        if symbol_json is not None:
+            atomic_write_text(os.path.join(tmp, SYMBOL_FILE), symbol_json)
         atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2, default=str) + "\n")
         if os.path.isdir(final):  # same step saved twice (e.g. max_steps on a verification step)
             shutil.rmtree(final)
@@ -202,8 +206,11 @@ def list_resume_states(run_dir):
     return [os.path.join(root, n) for n in names]
 
 
-def load_resume_state(run_dir):
-    """Newest resume state of ``run_dir`` -> ``(state dict, arg_params, aux_params, optimizer_states_path)``."""
+def load_resume_state(run_dir, symbol=None):
+    """Newest resume state of ``run_dir`` -> ``(state dict, arg_params, aux_params, optimizer_states_path)``.
+
+    With ``symbol``, its arguments/aux states must equal the saved symbol's (else ValueError: network changed).
+    """
     states = list_resume_states(run_dir)
     if not states:
         raise FileNotFoundError(f"--resume {run_dir}: no resume state in {_resume_root(run_dir)} (the run saved "
@@ -211,5 +218,14 @@ def load_resume_state(run_dir):
     path = states[-1]
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         state = json.load(f)
+    saved_symbol = os.path.join(path, SYMBOL_FILE)
+    if symbol is not None and os.path.isfile(saved_symbol):
+        # compare parameters, not JSON: auto-generated node names (blockgrad0/1...) differ between builds
+        saved = mx.sym.load(saved_symbol)
+        if (saved.list_arguments(), saved.list_auxiliary_states()) != (symbol.list_arguments(),
+                                                                     symbol.list_auxiliary_states()):
+            raise ValueError(f"--resume {run_dir}: the training symbol's parameters differ from those saved in "
+                             f"{saved_symbol}; resume with the run's own network/head settings (drop the flags "
+                             "that change them) or start a new run with --pretrained")
     arg_params, aux_params = load_params(os.path.join(path, PARAMS_FILE))
     return state, arg_params, aux_params, os.path.join(path, OPTIMIZER_FILE)

@@ -200,7 +200,7 @@ class Checkpointer:
         payload["config"] = dict(self.cfg)
         payload["saved_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         return ckpts.save_resume_state(self.run_dir, payload, arg_params, aux_params,
-                                       self.module.save_optimizer_states)
+                                       self.module.save_optimizer_states, symbol_json=self.symbol.tojson())
 
 
 def plot_curves(records, path):
@@ -236,10 +236,24 @@ def plot_curves(records, path):
 
 
 def _read_records(path):
+    """Records of ``metrics.jsonl``; a line cut by a kill is skipped."""
     if not os.path.isfile(path):
         return []
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def _truncate_records(path, global_step):
+    """On resume, drop records a killed run wrote after the state it resumes from (atomically)."""
+    records = [r for r in _read_records(path) if r.get("step", 0) <= global_step]
+    if os.path.isfile(path):
+        ckpts.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _fast_forward(train_iter, epochs, nbatch):
@@ -277,11 +291,6 @@ def fit(config, make_train_iter=None, metrics=None, symbol=None):
 
 
 def _fit(cfg, run_dir, make_train_iter, metrics, symbol):
-    resume = None
-    if cfg.resume:
-        resume = ckpts.load_resume_state(run_dir)
-        logger.info("resuming %s from global step %d (%s)", run_dir, resume[0]["global_step"],
-                    ckpts.list_resume_states(run_dir)[-1])
     logger.info("Called with config: %s", json.dumps(dict(cfg), sort_keys=True, default=str))
     save_config(cfg, run_dir)
     contexts = get_contexts(cfg.gpus, cfg.ctx)
@@ -298,6 +307,12 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol):
     if symbol is None:
         import symbols
         symbol = symbols.get_symbol(cfg)
+    resume = None
+    if cfg.resume:
+        resume = ckpts.load_resume_state(run_dir, symbol)
+        logger.info("resuming %s from global step %d (%s)", run_dir, resume[0]["global_step"],
+                    ckpts.list_resume_states(run_dir)[-1])
+        _truncate_records(os.path.join(run_dir, METRICS_FILE), resume[0]["global_step"])
     module = mx.mod.Module(symbol=symbol, context=contexts, data_names=("data",), label_names=("softmax_label",))
     module.bind(data_shapes=[("data", (batch_size, 3, height, width))],
                 label_shapes=[("softmax_label", (batch_size,))], for_training=True)
