@@ -17,6 +17,10 @@ update after global batch ``step``, as upstream's ``opt.lr *= 0.1`` when ``mbatc
 then the callbacks of :mod:`recognition.callbacks`. Upstream ignores ``lr_mult``/``wd_mult`` and applies wd to
 every parameter (spec §8.5): reproduced unless ``honour_param_mults``.
 
+When training stops (``max_steps`` updates done, or ``end_epoch``), the final weights are written as
+``prefix-0000.params`` (unless ``ckpt=0``; HEAD ``train_parall`` also saves epoch 0 at ``max_steps``), so
+``--ckpt 3`` keeps the best model in slot 1 and the last one in slot 0, plus a resume state.
+
 Shared by every trainer: devices, optimizer, lr schedule, verification, checkpoints (``--ckpt`` policy +
 resume state), ``--resume``, ``--pretrained``, logging to ``training.log``, ``metrics.jsonl``, NaN guard,
 ``max_steps`` and the curve PNG. Everything happens inside the run directory.
