@@ -327,7 +327,8 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol):
                            allow_missing=False, allow_extra=False)
     elif cfg.pretrained:
         arg_params, aux_params = ckpts.load_pretrained(cfg.pretrained, cfg.pretrained_epoch)
-        missing = sorted(set(module._exec_group.param_names) - set(arg_params))
+        params = [n for n in symbol.list_arguments() if n not in ("data", "softmax_label")]
+        missing = sorted(set(params) - set(arg_params))
         if missing:
             logger.info("pretrained: %d parameter(s) not in the checkpoint, initialised: %s", len(missing),
                         ", ".join(missing))
@@ -341,6 +342,10 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol):
         for key, value in state_json.items():
             if hasattr(state, key) and key not in ("verification", "is_highest"):
                 setattr(state, key, value)
+        if cfg.seed >= 0:
+            # MXNet's generator state (Dropout masks) is not saved: reseed deterministically per resume point.
+            # Weights after a resume equal a straight run exactly only for nets without random ops.
+            mx.random.seed(cfg.seed + state.global_step)
     train_iter = (make_train_iter or default_train_iter)(cfg, module, contexts)
     expected = (batch_size, 3, height, width)
     got = tuple(train_iter.provide_data[0].shape)
