@@ -231,6 +231,9 @@ class TripletFaceImageIter(mx.io.DataIter):
         ``batch_size`` (the shape the Module is bound for; a short last chunk is zero-padded); the
         embedding is ``outputs[0]``.
         """
+        # BatchNorm's backward updates the moving statistics without declaring that write to MXNet's
+        # engine, so a forward issued right after the last update could read them half-written: wait.
+        mx.nd.waitall()
         chunks = []
         for start in range(0, len(record_ids), self.batch_size):
             ids = record_ids[start:start + self.batch_size]
