@@ -57,35 +57,33 @@ def prelu(data, name, num_channels, fast=True, ndim=4):
 
 
 def fast_prelu(data, gamma, name, num_channels, ndim=4):
-    r"""PReLU as ``relu(x) + diag(gamma) * (x - relu(x))``, the per-channel product done as a 1x1 convolution.
+    r"""PReLU as ``relu(x) + gamma * (x - relu(x))``, the per-channel product done by a depthwise convolution.
 
-    .. math:: y = \mathrm{relu}(x) + \mathrm{conv}_{1}\big(x - \mathrm{relu}(x),\ W\big),\quad
-              W = \mathrm{diag}(\gamma) \in \mathbb{R}^{C\times C\times 1}
+    .. math:: y = \mathrm{relu}(x) + \mathrm{dwconv}_{1}\big(x - \mathrm{relu}(x),\ \gamma\big)
 
-    (the convolution runs on x reshaped to (B, C, H*W)).
+    where the depthwise (``num_group = C``) kernel-1 convolution runs on x reshaped to (B, C, H*W) and its
+    weight is ``gamma`` reshaped to (C, 1, 1).
 
     Why: MXNet 1.9's CPU kernels for ``LeakyReLU(prelu)`` and for the backward of any broadcast op with a
-    (1, C, 1, 1) operand reduce over batch and space with slow generic loops (profiled: they take more
-    time than all convolutions of r18 together). A 1x1 convolution with a diagonal weight computes the same
-    per-channel product through MKLDNN/GEMM, and its weight gradient (a GEMM) contains dL/dgamma_c =
-    sum(g * min(x, 0)) on the diagonal. The off-diagonal weights are exact zeros, so the forward value and
-    the gradients equal PReLU's up to float summation order; the extra cost is about 1/9 of a 3x3 conv with
-    C channels per activation. Works for (B, C, H, W) and (B, C) inputs (``ndim`` is accepted for symmetry).
+    (1, C, 1, 1) operand reduce over batch and space with slow generic loops (profiled: slower than all
+    convolutions of r18 together). A depthwise convolution computes the same per-channel product with MKLDNN,
+    and its weight gradient is exactly dL/dgamma_c = sum(g * min(x, 0)). Forward values and gradients equal
+    PReLU's up to float summation order. Works for (B, C, H, W) and (B, C) inputs (``ndim`` is accepted for
+    symmetry with :func:`prelu`).
+
+    Two MKLDNN traps shape the graph: (1) the convolution is 1-D because MKLDNN's inference subgraph pass
+    rewrites 2-D convolutions into fused ops that cache their weight at the first forward, and a weight
+    computed from gamma is then never refreshed (an inference Module sharing the training Module's parameters
+    would keep the initial slopes); 1-D convolutions are left alone. (2) ``Flatten`` brings the convolution's
+    MKLDNN-layout (B, C, H*W) output back to the default layout: adding it to the 4-D relu output directly
+    makes MKLDNN's sum primitive fail on the mismatched memory descriptors.
     """
-    diag = mx.sym.broadcast_mul(mx.sym.eye(num_channels), mx.sym.reshape(gamma, shape=(1, -1)),
-                                name=name + "_diag")
     pos = mx.sym.Activation(data=data, act_type="relu", name=name + "_pos")
     neg = mx.sym.elemwise_sub(data, pos, name=name + "_negpart")
-    # A 1-D convolution over (B, C, H*W): MKLDNN's inference subgraph pass rewrites every 2-D Convolution
-    # into a fused op that caches its weight at the first forward, and a weight computed from gamma is then
-    # never refreshed (an inference Module sharing the training Module's parameters would keep the initial
-    # slopes). The subgraph pass leaves 1-D convolutions alone; the plain MKLDNN kernel is equally fast.
     flat = mx.sym.reshape(neg, shape=(0, 0, -1), name=name + "_flat")
-    weight = mx.sym.reshape(diag, shape=(num_channels, num_channels, 1), name=name + "_weight")
-    scaled = mx.sym.Convolution(data=flat, weight=weight, num_filter=num_channels, kernel=(1,), no_bias=True,
-                                name=name + "_scale")
-    # Flatten converts the conv's MKLDNN-layout (B, C, H*W) output to the default layout; adding it to the
-    # 4-D relu output directly makes MKLDNN's sum primitive fail on the mismatched memory descriptors.
+    weight = mx.sym.reshape(gamma, shape=(num_channels, 1, 1), name=name + "_weight")
+    scaled = mx.sym.Convolution(data=flat, weight=weight, num_filter=num_channels, num_group=num_channels,
+                                kernel=(1,), no_bias=True, name=name + "_scale")
     scaled = mx.sym.reshape_like(mx.sym.Flatten(scaled), data, name=name + "_scaled")
     return mx.sym.elemwise_add(pos, scaled, name=name)
 
