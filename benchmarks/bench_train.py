@@ -32,8 +32,8 @@ def _symbol(network, multiplier, num_classes, per_device_batch):
     return symbols.get_symbol(load_config(overrides=overrides))
 
 
-def run(networks, batches, contexts, multiplier, full_width, num_classes, steps, warmup):
-    """Measure every configuration; returns a list of result dicts."""
+def run(networks, batches, contexts, multiplier, full_width, num_classes, steps, warmup, on_result=None):
+    """Measure every configuration; returns a list of result dicts (``on_result(results)`` after each)."""
     plan = [(net, multiplier, batch, ctx) for net in networks for batch in batches for ctx in contexts]
     plan += [(net, 1.0, 32, 1) for net in full_width]
     results = []
@@ -50,6 +50,8 @@ def run(networks, batches, contexts, multiplier, full_width, num_classes, steps,
         logger.info("%s x%s batch %d on %d ctx: %.1f samples/s", net, res["net_multiplier"], batch, num_ctx,
                     res["samples_per_sec"])
         results.append(res)
+        if on_result is not None:
+            on_result(results)
     return results
 
 
@@ -67,10 +69,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     split = lambda text: [v for v in text.split(",") if v]  # noqa: E731
+    header = {"image_size": IMAGE, "num_classes": args.num_classes, "loss": "arcface", "steps": args.steps,
+              "warmup": args.warmup}
+
+    def save(results):  # after every configuration, so a stopped run keeps what it measured
+        return write_json(args.name, {**header, "results": results})
     results = run(split(args.networks), [int(b) for b in split(args.batches)], [int(c) for c in split(args.contexts)],
-                  args.multiplier, split(args.full_width), args.num_classes, args.steps, args.warmup)
-    path = write_json(args.name, {"image_size": IMAGE, "num_classes": args.num_classes, "loss": "arcface",
-                                  "steps": args.steps, "warmup": args.warmup, "results": results})
+                  args.multiplier, split(args.full_width), args.num_classes, args.steps, args.warmup, on_result=save)
+    path = save(results)
     for r in results:
         print(f"{r['network']:>4} x{r['net_multiplier']} batch {r['global_batch']:>3} ctx {r['num_contexts']}: "
               f"{r['samples_per_sec']:8.1f} samples/s")
