@@ -125,6 +125,12 @@ def get_symbol(config):
     - softmax family: ``[BlockGrad(fc1), SoftmaxOutput(fc7, name='softmax', normalization='valid'),
       BlockGrad(ce_loss) if ce_loss]``; the margin-adjusted logits are the internal ``fc7_output``;
     - triplet/atriplet: ``[BlockGrad(fc1), BlockGrad(softmax_label), MakeLoss(loss)]``.
+
+    ``fc7_weight`` (C, D) carries ``lr_mult``/``wd_mult`` from ``fc7_lr_mult``/``fc7_wd_mult`` and a
+    ``Normal(0.01)`` init attribute; ``fc7_bias`` (softmax head) lr x2 / wd x0. As in insightface these
+    attributes only take effect when the optimizer is built with ``sym=``/``param_idx2name`` (the engine's
+    ``honour_param_mults``); insightface's own optimizer ignores them and decays every parameter (spec §8.5).
+    ``fc7_output`` is the logits SoftmaxOutput sees (margin applied); ``fc7_cos_output`` is s·cosθ.
     """
     from configs.base import config as base
 

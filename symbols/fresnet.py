@@ -67,7 +67,7 @@ class _UnitBuilder:
 
     def se(self, body, num_filter, name):
         """Squeeze-and-excitation on ``body``: avg pool -> 1x1 conv f/16 (+bias) -> Act -> 1x1 conv f -> sigmoid."""
-        squeeze = num_filter // SE_REDUCTION
+        squeeze = max(1, num_filter // SE_REDUCTION)
         gate = mx.sym.Pooling(data=body, global_pool=True, kernel=(7, 7), pool_type="avg", name=name + "_se_pool1")
         gate = self.conv(gate, squeeze, (1, 1), (1, 1), (0, 0), name + "_se_conv1", no_bias=False)
         gate = self.act(gate, name + "_se_relu1", squeeze)

@@ -60,12 +60,12 @@ HEAD_PRESETS = {
 
 # OLD ``--loss-type N`` -> head name and where each head key comes from: a float is a constant, a str names
 # the OLD flag (``margin_s``/``margin_m``/``margin_a``/``margin_b``/``easy_margin``) that supplies it.
-# Type 1 (A-Softmax via the LSoftmax op of insightface's MXNet fork, absent from stock MXNet) maps to the
-# combined-form SphereFace with m1 = --margin-a: an approximation, not the same op.
+# Type 1 (A-Softmax via the LSoftmax op of insightface's MXNet fork, absent from stock MXNet, margin 4 with
+# lambda annealing) maps to the combined-form SphereFace preset m1 = 1.5: a substitute, not the same op.
 # Types 3, 6, 7 (experimental cos(m·θ), intra/inter losses) are not provided.
 LEGACY_LOSS_TYPES = {
     0: {"loss": "softmax"},
-    1: {"loss": "sphereface", "loss_s": "margin_s", "loss_m1": "margin_a", "loss_m2": 0.0, "loss_m3": 0.0},
+    1: {"loss": "sphereface", "loss_s": "margin_s", "loss_m1": 1.5, "loss_m2": 0.0, "loss_m3": 0.0},
     2: {"loss": "cosface", "loss_s": "margin_s", "loss_m1": 1.0, "loss_m2": 0.0, "loss_m3": "margin_m"},
     4: {"loss": "arcface_v1", "loss_s": "margin_s", "loss_m1": 1.0, "loss_m2": "margin_m", "loss_m3": 0.0,
         "easy_margin": "easy_margin"},
@@ -98,7 +98,7 @@ def legacy_loss_config(loss_type, margin_s=64.0, margin_m=0.5, margin_a=1.0, mar
     """
     if loss_type not in LEGACY_LOSS_TYPES:
         raise ValueError(f"--loss-type {loss_type!r} is not supported; valid: {sorted(LEGACY_LOSS_TYPES)} "
-                         "(0 softmax, 1 sphereface (combined m1), 2 cosface, 4 arcface_v1, 5 combined)")
+                         "(0 softmax, 1 sphereface (combined m1 = 1.5), 2 cosface, 4 arcface_v1, 5 combined)")
     flags = {"margin_s": margin_s, "margin_m": margin_m, "margin_a": margin_a, "margin_b": margin_b,
              "easy_margin": easy_margin}
     out = {}

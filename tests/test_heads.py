@@ -355,6 +355,7 @@ def test_legacy_loss_types():
         "loss": "cosface", "loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.0, "loss_m3": 0.35}
     assert losses.legacy_loss_config(5, margin_a=0.9, margin_m=0.4, margin_b=0.15) == {
         "loss": "combined", "loss_s": 64.0, "loss_m1": 0.9, "loss_m2": 0.4, "loss_m3": 0.15}
+    assert losses.legacy_loss_config(1, margin_s=30.0)["loss_m1"] == 1.5
     for loss_type in losses.LEGACY_LOSS_TYPES:
         losses.check_head(losses.LEGACY_LOSS_TYPES[loss_type]["loss"])
     with pytest.raises(ValueError, match="valid"):
