@@ -1,4 +1,4 @@
-"""Fast PReLU (relu(x) + diag-gamma 1x1 conv of x - relu(x)) equals LeakyReLU(act_type='prelu')."""
+"""Fast PReLU (relu(x) + depthwise conv of x - relu(x) with gamma as weight) equals LeakyReLU(act_type='prelu')."""
 import json
 
 import mxnet as mx
