@@ -14,7 +14,8 @@ train on 22, verify on 8), never on the 10 held-out people:
 * Also tried on the validation split (300 steps): + random affine (zoom 10%, 10 deg, 8% shift) and colour
   jitter -> 0.925; same with wd 5e-3 -> 0.920; plain softmax -> 0.925; emb 32 + m=0.5 -> 0.932 (0.84 @200).
   The raw-pixel baseline of that validation pack is 0.933, so NO recipe tried beats raw pixels on ORL by the
-  hoped-for 0.03 (held-out, final weights: 0.905 and 0.920 in two runs, MKLDNN threads are not bit-deterministic, vs pixels 0.900). ORL pairs are easy for pixels (same session, background
+  hoped-for 0.03 (held-out, final weights: 0.905 and 0.920 in two runs -- MKLDNN threads are not
+  bit-deterministic -- vs pixels 0.900). ORL pairs are easy for pixels (same session, background
   and position); 22-30 training identities are too few for the embedding to generalise much beyond that.
 """
 config = {
