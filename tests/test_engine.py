@@ -260,7 +260,8 @@ def test_resume_equals_straight_run(tmp_path):
     assert open(s_opt, "rb").read() == open(r_opt, "rb").read() or _same_momentum(s_opt, r_opt)
     log = (tmp_path / "split" / "run" / "training.log").read_text()
     assert "resuming" in log and "from global step 3" in log
-    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "run" / "metrics.jsonl").read_text().splitlines()]
+    jsonl = (tmp_path / "split" / "run" / "metrics.jsonl").read_text()
+    steps = [json.loads(line)["step"] for line in jsonl.splitlines()]
     assert steps == sorted(steps)
     other = tiny_symbol()
     other = mx.sym.Group([other[0], mx.sym.FullyConnected(other[0], num_hidden=2, name="extra")])
