@@ -12,7 +12,9 @@ API (the triplet trainer codes against it)
   insightface's kebab-case flags. Every flag's ``dest`` is a config key, so a caller (``train_triplet``) can
   add its own flags to the parser returned by :func:`build_arg_parser` with ``dest=<config key>`` and
   ``default=None`` and they override the config like the built-in ones. Precedence (lowest first):
-  ``configs/base.py`` < ``extra_defaults`` < ``--config`` preset chain < ``--set key=value`` < flags.
+  ``configs/base.py`` < ``extra_defaults`` < the named network/loss presets (``symbols.NETWORK_PRESETS``,
+  ``symbols.losses.HEAD_PRESETS``, as HEAD's ``generate_config``) < ``--config`` preset chain
+  < ``--set key=value`` < flags.
   ``--resume RUN_DIR`` starts from the run's saved ``config.json`` instead, then applies the flags.
 
 Derived values (global batch, ``num_classes`` from ``property``, run directory, checkpoint prefix) are
@@ -117,6 +119,22 @@ def _apply(cfg, overrides, source, keys):
         cfg[key] = _coerce(key, value, keys[key], source)
 
 
+def _apply_named_presets(cfg, explicit):
+    """Fill the keys a named network / loss implies, unless a layer set them explicitly.
+
+    insightface HEAD's ``generate_config(network, dataset, loss)`` copies the loss preset and then the
+    network preset over the defaults, and only then applies the command line. Without this, ``--loss cosface``
+    would keep base's ``loss_m2 = 0.5`` (a combined margin, silently) and ``--network y2`` base's ``net_blocks``.
+    ``explicit`` holds the keys given by a preset file, ``--set`` or a flag: those always win.
+    """
+    import symbols
+    from symbols.losses import HEAD_PRESETS
+    implied = {**HEAD_PRESETS.get(cfg["loss"], {}), **symbols.NETWORK_PRESETS.get(cfg["network"], {})}
+    for key, value in implied.items():
+        if key in cfg and key not in explicit:
+            cfg[key] = copy.deepcopy(value)
+
+
 def _load_preset_chain(path, seen=None):
     """Return [(path, overrides)] root first for the preset file ``path`` and its ``base`` chain."""
     path = os.path.abspath(os.fspath(path))
@@ -199,11 +217,15 @@ def load_config(path=None, overrides=None):
     """
     cfg = _base_config()
     keys = dict(cfg)
+    explicit = set()
     if path:
         for preset_path, preset in _load_preset_chain(path):
             _apply(cfg, preset, preset_path, keys)
+            explicit.update(preset)
     if overrides:
         _apply(cfg, overrides, "overrides", keys)
+        explicit.update(overrides)
+    _apply_named_presets(cfg, explicit)
     return validate(edict(cfg))
 
 
@@ -398,9 +420,12 @@ def parse_args(argv=None, extra_defaults=None, parser=None):
     cfg = _base_config()
     if extra_defaults:
         _apply(cfg, extra_defaults, "extra_defaults", keys)
+    explicit = set(set_values) | set(flags)
     if args.config:
         for preset_path, preset in _load_preset_chain(args.config):
             _apply(cfg, preset, preset_path, keys)
+            explicit.update(preset)
     _apply(cfg, set_values, "--set", keys)
     _apply(cfg, flags, "command line", keys)
+    _apply_named_presets(cfg, explicit)
     return validate(edict(cfg))

@@ -191,15 +191,21 @@ class Checkpointer:
     def __init__(self, cfg, run_dir, module, state, symbol):
         self.cfg, self.run_dir, self.module, self.state, self.symbol = cfg, run_dir, module, state, symbol
 
+    def _params(self):
+        # BatchNorm's backward updates moving_mean/var outside MXNet's dependency tracking: without a full
+        # sync, get_params can copy statistics from before the last update (seen: differences up to 0.4, r18).
+        mx.nd.waitall()
+        return self.module.get_params()
+
     def save_model(self, number):
-        arg_params, aux_params = self.module.get_params()
+        arg_params, aux_params = self._params()
         symbol = self.symbol
         if self.cfg.ckpt_embedding:
             symbol, arg_params, aux_params = ckpts.embedding_checkpoint(symbol, arg_params, aux_params)
         return ckpts.save_checkpoint(self.cfg.prefix, number, symbol, arg_params, aux_params)
 
     def save_resume(self):
-        arg_params, aux_params = self.module.get_params()
+        arg_params, aux_params = self._params()
         payload = self.state.to_json()
         payload["config"] = dict(self.cfg)
         payload["saved_at"] = time.strftime("%Y-%m-%d %H:%M:%S")

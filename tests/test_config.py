@@ -83,6 +83,31 @@ def test_precedence_extra_defaults_preset_set_flags(tmp_path):
         parse_args(["--set", "wd"])
 
 
+@pytest.mark.parametrize("argv, expected", [
+    # the named head fills its margins (HEAD generate_config), instead of keeping base's arcface m2 = 0.5
+    (["--loss", "cosface"], {"loss_m1": 1.0, "loss_m2": 0.0, "loss_m3": 0.35, "loss_s": 64.0}),
+    (["--loss", "combined"], {"loss_m1": 1.0, "loss_m2": 0.3, "loss_m3": 0.2}),
+    (["--loss", "sphereface"], {"loss_m1": 1.5, "loss_m2": 0.0, "loss_m3": 0.0}),
+    # an explicit margin flag still wins over the preset
+    (["--loss", "cosface", "--margin-b", "0.4"], {"loss_m2": 0.0, "loss_m3": 0.4}),
+    (["--loss", "arcface", "--margin-s", "32"], {"loss_s": 32.0, "loss_m2": 0.5}),
+    # the named network fills its embedding size, head and blocks unless given
+    (["--network", "y2"], {"emb_size": 256, "net_output": "GDC", "net_blocks": [2, 8, 16, 4]}),
+    (["--network", "y1", "--emb-size", "64"], {"emb_size": 64, "net_output": "GDC"}),
+    (["--network", "r50"], {"emb_size": 512, "net_output": "E"}),
+])
+def test_named_network_and_loss_presets_fill_unset_keys(argv, expected):
+    cfg = parse_args(argv)
+    assert {k: cfg[k] for k in expected} == expected
+
+
+def test_named_presets_do_not_override_preset_files(tmp_path):
+    preset = tmp_path / "p.py"
+    preset.write_text("config = {'loss': 'cosface', 'loss_m3': 0.25, 'network': 'y1', 'emb_size': 32}\n")
+    cfg = load_config(str(preset))
+    assert (cfg.loss_m2, cfg.loss_m3, cfg.emb_size, cfg.net_output) == (0.0, 0.25, 32, "GDC")
+
+
 def test_extra_flags_added_by_another_trainer():
     from recognition.config import build_arg_parser
     parser = build_arg_parser()
