@@ -171,15 +171,19 @@ def get_symbol(config):
 
 
 def _warn_if_margins_differ_from_preset(head, margins):
-    """Log when e.g. loss='cosface' is built with base's loss_m2=0.5 (a combined margin, not CosFace)."""
+    """Log when a named head is built with margins other than its preset's (e.g. a tuned ArcFace s=32).
+
+    recognition.config fills a named head's preset margins unless the user gives them, so a difference here
+    is either deliberate or a config assembled by hand (e.g. loss='cosface' with base's loss_m2=0.5, which
+    is a combined margin): say which margins are used, at INFO level.
+    """
     preset = losses.HEAD_PRESETS[head]
     if head == "softmax":
         return
     differs = {k: v for k, v in margins.items() if float(v) != float(preset[k])}
     if differs:
-        logger.warning("loss %r built with %s, which differ from its preset %s: the margins come from the config "
-                       "(as insightface HEAD); set them explicitly or apply symbols.losses.HEAD_PRESETS[%r]",
-                       head, differs, {k: preset[k] for k in differs}, head)
+        logger.info("loss %r with %s (its preset has %s; see symbols.losses.HEAD_PRESETS[%r])",
+                    head, differs, {k: preset[k] for k in differs}, head)
 
 
 def get_initializer(network):
