@@ -1,4 +1,8 @@
-"""Triplet fine-tuning of the ``make demo`` ORL model (``orl_demo.py``: quarter-width r18, 64x64, 128-d), CPU.
+"""Triplet fine-tuning of the ``make demo`` ORL model (``orl_demo.py``: quarter-width r18, 128-d), CPU.
+
+Inherits ``image_shape`` from ``orl_demo.py`` (32x32 since the demo switched from 64x64; the pretrained
+model and ``demo_run/data`` must have the same size). The choices and numbers below were measured with the
+earlier 64x64 demo model.
 
 Scaled down from insightface's recipe (momentum 0, no lr decay) for 30 training people with 10 images each:
 all 10 images per identity, one bag = the whole pool (300 images = 10 batches of 30).
