@@ -8,7 +8,8 @@ seeds of one recipe differ by up to ~0.02, so differences below ~0.02 are noise.
 * quarter-width r18 at 32x32 input (ORL's 92x112 faces padded to square, then resized): 32 px ->
   0.925, 0.927, 0.922, 0.905 (seeds 0-3, mean 0.920), 48 px -> 0.910, 64 px -> 0.932 (earlier runs:
   0.905-0.937), i.e. the same within noise, while 32 px trains ~4x faster than 64 px (~260 vs ~60
-  images/s alone on one thread; 112 px is another ~2.4x slower than 64 px), so the demo stays far below 10 minutes even on a loaded machine;
+  images/s alone on one thread; 112 px is another ~2.4x slower than 64 px), so the demo stays far below
+  10 minutes even on a loaded machine;
 * ArcFace with s=32, m=0.3: s=64/m=0.5 is tuned for 85k identities; with 22-30 classes a smaller scale and
   margin train stably from scratch. 64 px: m=0.5 + 16-pixel cutoff -> 0.915; s=16 -> 0.908;
   32 px: CosFace s=32 m3=0.35 -> 0.898;
