@@ -29,6 +29,7 @@ import numpy as np
 
 from iterators import augment
 from iterators.recordio import FaceRecordReader, RecordFormatError, read_property
+from iterators.workers import DecodeWorkersMixin
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ CUTOFF_FILL = 128  # insightface FaceImageIter fills the cut-off square with 128
 _CHUNK = 8  # samples per worker task: amortises executor overhead, small enough to balance
 
 
-class FaceImageIter(mx.io.DataIter):
+class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
     """Batches of RGB faces from an insightface ``.rec`` for softmax/margin training.
 
     Parameters
@@ -160,8 +161,7 @@ class FaceImageIter(mx.io.DataIter):
         self.provide_label = [mx.io.DataDesc(label_name, (self.batch_size,))]
         self._entropy = np.random.SeedSequence(seed).entropy
         self._epoch = -1
-        self._executor = (concurrent.futures.ThreadPoolExecutor(self.num_workers, thread_name_prefix="FaceImageIter")
-                          if self.num_workers > 0 else None)
+        self._start_workers(self.num_workers, "FaceImageIter")
         self._pending = collections.deque()
         self._ready = collections.deque()
         self.seq = np.asarray(self.imgidx, dtype=np.int64)
@@ -219,18 +219,6 @@ class FaceImageIter(mx.io.DataIter):
         # would copy B*3*H*W floats in this thread (~17 ms for B=128 at 112x112).
         return mx.io.DataBatch(data=[mx.nd.from_numpy(data, zero_copy=True)], label=[mx.nd.array(label)], pad=0,
                                provide_data=self.provide_data, provide_label=self.provide_label)
-
-    def close(self):
-        """Stop the worker threads (pending work is cancelled)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing left to release
-            pass
 
     @property
     def num_batches(self):

@@ -24,7 +24,6 @@ a whole pass over the pool does not yield two batches, the iterator continues wi
 (one batch at least, with a warning) or raises ``NoTripletsError`` instead of mining forever. Every
 random decision comes from one ``numpy.random.Generator`` seeded by ``seed``.
 """
-import concurrent.futures
 import logging
 import os
 import time
@@ -35,6 +34,7 @@ import numpy as np
 from iterators import augment
 from iterators.recordio import FaceRecordReader
 from iterators.triplet_mining import pick_triplets
+from iterators.workers import DecodeWorkersMixin
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def run_lengths(labels):
     return np.diff(starts).tolist()
 
 
-class TripletFaceImageIter(mx.io.DataIter):
+class TripletFaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
     """Triplet batches mined online with the weights of the Module being trained (spec §4).
 
     Parameters
@@ -198,8 +198,7 @@ class TripletFaceImageIter(mx.io.DataIter):
         self.provide_label = [mx.io.DataDesc(label_name, (self.batch_size,))]
         self._rng = np.random.default_rng(seed)
         self.num_workers = int(num_workers)
-        self._executor = (concurrent.futures.ThreadPoolExecutor(self.num_workers, thread_name_prefix="TripletIter")
-                          if self.num_workers > 0 else None)
+        self._start_workers(self.num_workers, "TripletIter")
         self.triplet_seq = []
         self.triplet_cur = 0
         self.seq = []
@@ -330,18 +329,6 @@ class TripletFaceImageIter(mx.io.DataIter):
     def num_batches(self):
         """Batches in the current epoch (``len(seq) // batch_size``)."""
         return len(self.seq) // self.batch_size
-
-    def close(self):
-        """Stop the decode threads."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing left to release
-            pass
 
     # ------------------------------------------------------------------ decoding
     def _decode_batch(self, ids, params):
