@@ -38,8 +38,10 @@ setup(
             "insightface-train-softmax=recognition.train_softmax:main",
             "insightface-train-triplet=recognition.train_triplet:main",
             "insightface-verify=eval.verification:main",
-            "insightface-build-rec=iterators.build_rec:main",
-            "insightface-build-bin=eval.build_bin:main",
+            "insightface-build-rec=iterators.tools.build_rec:main",
+            "insightface-datasets=iterators.tools.datasets:main",
+            "insightface-inspect-dataset=iterators.tools.inspect_dataset:main",
+            "insightface-build-bin=iterators.tools.build_bin:main",
         ]
     },
 )

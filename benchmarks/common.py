@@ -13,6 +13,8 @@ import time
 import mxnet as mx
 import numpy as np
 
+from iterators.formats.atomic import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -127,10 +129,6 @@ def write_json(name, payload, results_dir=RESULTS_DIR):
     os.makedirs(results_dir, exist_ok=True)
     path = os.path.join(results_dir, f"{name}.json")
     doc = {"name": name, "machine": machine_info(), **payload}
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
     logger.info("wrote %s", path)
     return path

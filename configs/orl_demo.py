@@ -19,7 +19,7 @@ seeds of one recipe differ by up to ~0.02, so differences below ~0.02 are noise.
   map, i.e. 112 px); random affine (zoom 10%, 10 deg, 8% shift, ``--affine``) at 32 px -> 0.870, with
   width x0.5 and 800 steps -> 0.86-0.89, and at 64 px with colour jitter -> 0.925 (+ wd 5e-3 -> 0.920);
   width x1.0 at 32 px -> 0.873 at step 100 (4x slower, stopped); plain softmax -> 0.925; emb 32 +
-  m=0.5 -> 0.932; pre-training on 500 synthetic identities (``iterators.datasets.build_synthetic``, 10
+  m=0.5 -> 0.932; pre-training on 500 synthetic identities (``iterators.tools.datasets.build_synthetic``, 10
   images each, 32 px, plain softmax, 600 steps, ~2 min; 0.818 on the ORL split without fine-tuning) then
   this recipe with ``pretrained`` -> 0.932 (seed 0) and 0.893 (seed 1), lr 0.01 -> 0.900: no gain;
   ensembles of the 32 px seeds (concatenated L2-normalised flip-summed embeddings) -> 0.933 (2 seeds),

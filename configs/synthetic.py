@@ -1,4 +1,4 @@
-"""One-minute CPU quick start on generated identities (``python -m iterators.datasets synthetic
+"""One-minute CPU quick start on generated identities (``python -m iterators.tools.datasets synthetic
 --identities 50 --images-per-identity 20 --output data/synthetic``): quarter-width r18, ArcFace with a
 gentle margin, verification on the held-out ``synthetic.bin`` every 100 batches.
 """

@@ -27,7 +27,7 @@ What differs from upstream, and why (the numbers do not, see the tests and
   linearly with ``np.interp`` between those points; this is monotone and well defined. A fold
   without positive (negative) pairs gives VAL (FAR) 0 instead of ZeroDivisionError.
 * ``test`` works for packs smaller than the batch (zero-padded batch, padded rows dropped).
-* Packs are read with ``eval.bin_format.read_bin`` (restricted unpickler: nothing in the file is
+* Packs are read with ``iterators.formats.bin_pack.read_bin`` (restricted unpickler: nothing in the file is
   executed) and structurally checked (odd image count, issame length, folds).
 """
 import argparse
@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import NamedTuple
 
@@ -44,8 +43,10 @@ import mxnet as mx
 import numpy as np
 from sklearn.preprocessing import normalize
 
-from eval.bin_format import PackFormatError, read_bin
-from eval.pairs import fold_slices
+from iterators.formats.atomic import atomic_write_text
+from iterators.formats.bin_pack import PackFormatError, read_bin
+from iterators.formats.images import parse_image_size
+from iterators.formats.pairs import fold_slices
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +73,12 @@ def _check_folds(path, num_pairs, nfolds):
     if num_pairs < nfolds:
         raise PackFormatError(
             f"{path}: {num_pairs} pairs cannot be split into {nfolds} folds; build the pack with at "
-            f"least {nfolds} pairs (python -m eval.build_bin --num-pairs ...) or lower nfolds")
+            f"least {nfolds} pairs (python -m iterators.tools.build_bin --num-pairs ...) or lower nfolds")
     if num_pairs % nfolds:
         raise PackFormatError(
             f"{path}: {num_pairs} pairs is not divisible into {nfolds} equal folds, so fold boundaries "
             f"would not match the pack's fold layout; rebuild with a multiple of {2 * nfolds} pairs "
-            "(eval.build_bin / eval.pairs.sample_pairs) or pass nfolds=None to skip this check")
+            "(iterators.tools.build_bin / iterators.formats.pairs.sample_pairs) or pass nfolds=None to skip this check")
 
 
 def load_bin(path, image_size, nfolds=10):
@@ -102,7 +103,7 @@ def load_bin(path, image_size, nfolds=10):
 
     Raises
     ------
-    FileNotFoundError, eval.bin_format.PackFormatError
+    FileNotFoundError, iterators.formats.bin_pack.PackFormatError
         Missing file; unsafe/unreadable pickle; odd image count; issame length mismatch; fold
         problem (see ``nfolds``); an image that cannot be decoded or has the wrong size.
     """
@@ -127,7 +128,7 @@ def load_bin(path, image_size, nfolds=10):
                 raise PackFormatError(
                     f"{path}: image {i} (pair {i // 2}) is {img.shape[0]}x{img.shape[1]} after resize_short "
                     f"to {height}; expected {height}x{width}. Pack images must be aligned crops with "
-                    "the aspect ratio of image_size (rebuild with python -m eval.build_bin --image-size)")
+                    "the aspect ratio of image_size (rebuild with python -m iterators.tools.build_bin --image-size)")
             chunk[i - start] = img.asnumpy()
         data_list[0][start:stop] = chunk.transpose(0, 3, 1, 2)
         data_list[1][start:stop] = chunk[:, :, ::-1, :].transpose(0, 3, 1, 2)
@@ -657,13 +658,10 @@ def load_embedding_module(prefix, epoch, ctx, batch_size, image_size):
 
 def _read_image_size(data_dir, flag):
     if flag:
-        parts = flag.split(",")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"--image-size {flag!r}: expected H,W such as 112,112")
-        return int(parts[0]), int(parts[1])
+        return parse_image_size(flag)
     prop = os.path.join(data_dir, "property")
     if os.path.isfile(prop):
-        from iterators.recordio import read_property
+        from iterators.formats.recordio import read_property
         _, size = read_property(data_dir)
         return tuple(size)
     return 112, 112
@@ -684,12 +682,7 @@ def _select_context(args):
 
 
 def _write_json(path, payload):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def plot_roc(curves, path):

@@ -59,7 +59,7 @@ def decode_image(payload, image_size, where="image"):
     if img.shape[0] != H or img.shape[1] != W:
         raise ValueError(
             f"{where}: image is {img.shape[0]}x{img.shape[1]} after resize_short, expected {H}x{W}; "
-            "rebuild the .rec with aligned HxW faces (python -m iterators.build_rec --resize H,W) or "
+            "rebuild the .rec with aligned HxW faces (python -m iterators.tools.build_rec --resize H,W) or "
             "change data_shape/image_size to the size in the property file")
     return img
 

@@ -28,7 +28,7 @@ import mxnet as mx
 import numpy as np
 
 from iterators import augment
-from iterators.recordio import FaceRecordReader, RecordFormatError, read_property
+from iterators.formats.recordio import FaceRecordReader, RecordFormatError, read_property
 from iterators.workers import DecodeWorkersMixin
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ import mxnet as mx
 import numpy as np
 
 from iterators import augment
-from iterators.recordio import FaceRecordReader
+from iterators.formats.recordio import FaceRecordReader
 from iterators.triplet_mining import pick_triplets
 from iterators.workers import DecodeWorkersMixin
 
@@ -178,7 +178,7 @@ class TripletFaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
         if self.reader.header0 is None:
             raise ValueError(
                 f"TripletFaceImageIter: {self.path_imgrec} has no insightface header (record 0 with the identity "
-                "range); triplet mining needs the identity records. Rebuild it with python -m iterators.build_rec")
+                "range); triplet mining needs the identity records. Rebuild it with python -m iterators.tools.build_rec")
         self.header0 = self.reader.header0
         self.id2range = dict(self.reader.id2range)
         logger.info("header0 label %s", self.header0)

@@ -23,6 +23,8 @@ import tempfile
 
 import mxnet as mx
 
+from iterators.formats.atomic import atomic_write, atomic_write_text, fsync_dir
+
 logger = logging.getLogger(__name__)
 
 RESUME_DIR = "resume"
@@ -33,46 +35,11 @@ SYMBOL_FILE = "symbol.json"  # training symbol of the run, compared on resume
 KEEP_RESUME_STATES = 2  # newest complete resume states kept (older ones are deleted after a new one lands)
 
 
-def _atomic_write(path, write_fn, binary=True):
-    """Call ``write_fn(tmp_path)`` then fsync and ``os.replace(tmp_path, path)``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb" if binary else "r") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path, text):
-    """Write ``text`` (utf-8) to ``path`` atomically."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    return _atomic_write(path, write, binary=False)
-
-
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` atomically."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    return _atomic_write(path, write)
-
-
 def save_params(path, arg_params, aux_params):
     """``nd.save`` the ``arg:``/``aux:`` dict of ``mx.model.save_checkpoint`` to ``path`` atomically."""
     payload = {f"arg:{k}": v.as_in_context(mx.cpu()) for k, v in arg_params.items()}
     payload.update({f"aux:{k}": v.as_in_context(mx.cpu()) for k, v in aux_params.items()})
-    return _atomic_write(path, lambda tmp: mx.nd.save(tmp, payload))
+    return atomic_write(path, lambda tmp: mx.nd.save(tmp, payload))
 
 
 def load_params(path):
@@ -166,7 +133,7 @@ def save_resume_state(run_dir, state, arg_params, aux_params, save_optimizer, sy
     tmp = tempfile.mkdtemp(prefix=".tmp-step-", dir=root)
     try:
         save_params(os.path.join(tmp, PARAMS_FILE), arg_params, aux_params)
-        _atomic_write(os.path.join(tmp, OPTIMIZER_FILE), save_optimizer)
+        atomic_write(os.path.join(tmp, OPTIMIZER_FILE), save_optimizer)
         if symbol_json is not None:
             atomic_write_text(os.path.join(tmp, SYMBOL_FILE), symbol_json)
         atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2, default=str) + "\n")
@@ -176,24 +143,13 @@ def save_resume_state(run_dir, state, arg_params, aux_params, save_optimizer, sy
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in list_resume_states(run_dir)[:-KEEP_RESUME_STATES]:
         shutil.rmtree(old, ignore_errors=True)
     for name in os.listdir(root):  # leftovers of a killed save
         if name.startswith(".tmp-"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     return final
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_resume_states(run_dir):

@@ -31,6 +31,8 @@ import re
 
 from easydict import EasyDict as edict
 
+from iterators.formats.images import parse_image_size
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE_NAME = "config.json"  # resolved config saved in every run directory (read back by --resume)
@@ -248,7 +250,7 @@ def load_run_config(run_dir, overrides=None):
 
 def save_config(cfg, run_dir):
     """Write the resolved config as ``<run_dir>/config.json`` atomically; returns the path."""
-    from recognition.checkpoints import atomic_write_text
+    from iterators.formats.atomic import atomic_write_text
     path = os.path.join(os.fspath(run_dir), CONFIG_FILE_NAME)
     atomic_write_text(path, json.dumps(dict(cfg), indent=2, sort_keys=True, default=str) + "\n")
     return path
@@ -266,10 +268,10 @@ def _str_list(text):
 
 
 def _image_size(text):
-    parts = _int_list(text)
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected H,W such as 112,112, got {text!r}")
-    return parts + [3]
+    try:
+        return list(parse_image_size(text)) + [3]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _legacy_loss(text):

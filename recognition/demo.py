@@ -1,6 +1,6 @@
 """``make demo``: train on real faces (ORL, AT&T Laboratories Cambridge) on CPU and verify on held-out people.
 
-Steps: fetch ORL (``iterators.datasets.build_orl``: 30 training people, 10 held-out people whose 600 pairs
+Steps: fetch ORL (``iterators.tools.datasets.build_orl``: 30 training people, 10 held-out people whose 600 pairs
 form ``orl.bin``, 10 folds), train ``configs/orl_demo.py`` from scratch with :func:`recognition.engine.fit`,
 then verify the FINAL weights (``model-0000``, not the best-on-held-out checkpoint, so the held-out people
 never select anything) on ``orl.bin`` and print the accuracy next to the raw-pixel baseline computed by the
@@ -26,7 +26,7 @@ AFFINE_SCALE = 0.10   # random zoom in [1 - s, 1 + s]
 AFFINE_ROTATE = 10.0  # random in-plane rotation, degrees
 AFFINE_SHIFT = 0.08   # random shift, fraction of the side
 PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "orl_demo.py")
-ORL_SEED = 0          # seeded split of the 40 people (iterators.datasets.build_orl)
+ORL_SEED = 0          # seeded split of the 40 people (iterators.tools.datasets.build_orl)
 TRAIN_PEOPLE = 30
 
 
@@ -67,9 +67,9 @@ def make_train_iter(config, module, contexts, affine=False):
 
 def build_validation_split(output, holdout, image_size, seed=ORL_SEED, cache_dir=None):
     """Dataset of the 30 training people only: 30-``holdout`` for training, ``holdout`` in ``orl.bin``."""
-    from iterators.datasets import (ORL_PEOPLE, _default_pairs, encode_jpeg, load_orl, orl_to_input,
+    from iterators.tools.datasets import (ORL_PEOPLE, _default_pairs, encode_jpeg, load_orl, orl_to_input,
                                     write_pack)
-    from iterators.recordio import write_face_rec
+    from iterators.formats.recordio import write_face_rec
     images, labels = load_orl(cache_dir)
     perm = np.random.default_rng(seed).permutation(ORL_PEOPLE)  # the split build_orl uses
     train_people = perm[:TRAIN_PEOPLE]
@@ -128,7 +128,7 @@ def main(argv=None):
         info = build_validation_split(data_dir, args.validation_split, image_size, cache_dir=args.cache_dir)
         what = f"validation split: {args.validation_split} of the 30 training people"
     else:
-        from iterators.datasets import build_orl
+        from iterators.tools.datasets import build_orl
         info = build_orl(data_dir, train_identities=TRAIN_PEOPLE, seed=ORL_SEED, cache_dir=args.cache_dir, pairs=600,
                          image_size=image_size)
         what = f"held-out people {info.get('holdout_people')}"

@@ -37,6 +37,8 @@ import mxnet as mx
 import numpy as np
 from easydict import EasyDict as edict
 
+from iterators.formats.atomic import atomic_write_text
+
 from recognition import callbacks as cbs
 from recognition import checkpoints as ckpts
 from recognition.config import ConfigError, save_config, validate
@@ -77,7 +79,7 @@ def resolve_run_config(config):
     cfg = validate(edict(copy.deepcopy(dict(config))))
     prop = os.path.join(cfg.dataset_path, "property")
     if os.path.isfile(prop):
-        from iterators.recordio import read_property
+        from iterators.formats.recordio import read_property
         num_classes, (height, width) = read_property(cfg.dataset_path)
         if cfg.num_classes == 0:
             cfg.num_classes = num_classes
@@ -263,7 +265,7 @@ def _truncate_records(path, global_step):
     """On resume, drop records a killed run wrote after the state it resumes from (atomically)."""
     records = [r for r in _read_records(path) if r.get("step", 0) <= global_step]
     if os.path.isfile(path):
-        ckpts.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _fast_forward(train_iter, epochs, nbatch):

@@ -7,7 +7,7 @@ named ``lfw.bin`` (so code that looks for insightface's default targets finds on
 import os
 import shutil
 
-from iterators.datasets import build_synthetic
+from iterators.tools.datasets import build_synthetic
 
 
 def make_synthetic_dataset(tmp_path, identities=8, images_per_identity=6, image_size=112, seed=0, pack_pairs=40,

@@ -1,4 +1,4 @@
-"""eval.bin_format: safe reading of every pack flavour in the wild; malformed and malicious packs refused."""
+"""iterators.formats.bin_pack: safe reading of every pack flavour in the wild; malformed and malicious packs refused."""
 import os
 import pickle
 import struct
@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from eval.bin_format import PackFormatError, read_bin, write_bin
+from iterators.formats.bin_pack import PackFormatError, read_bin, write_bin
 
 
 def _jpegs(count, seed=0):

@@ -1,13 +1,13 @@
-"""eval.build_bin: packs from LFW pairs.txt, pairs_label.txt, identity folders and .rec files."""
+"""iterators.tools.build_bin: packs from LFW pairs.txt, pairs_label.txt, identity folders and .rec files."""
 import os
 
 import cv2
 import numpy as np
 import pytest
 
-from eval import build_bin
-from eval.bin_format import read_bin
-from eval.pairs import sample_pairs
+from iterators.tools import build_bin
+from iterators.formats.bin_pack import read_bin
+from iterators.formats.pairs import read_label_pairs, read_lfw_pairs, sample_pairs
 from eval.verification import load_bin
 
 
@@ -64,10 +64,10 @@ def test_missing_files_and_bad_lines(tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text("10 300\nAnn_A 1\n")
     with pytest.raises(ValueError, match=r"bad.txt line 2: 'Ann_A 1'"):
-        build_bin.read_lfw_pairs(str(bad), str(tmp_path))
+        read_lfw_pairs(str(bad), str(tmp_path))
     bad.write_text("a.png b.png yes\n")
     with pytest.raises(ValueError, match="expected 'path1 path2 0|1'"):
-        build_bin.read_label_pairs(str(bad), str(tmp_path))
+        read_label_pairs(str(bad), str(tmp_path))
 
 
 def test_label_pairs_with_resize(tmp_path):
@@ -105,7 +105,7 @@ def test_image_folder_sampled_pairs_match_sample_pairs(tmp_path):
 
 
 def test_rec_source(tmp_path):
-    from iterators.recordio import write_face_rec
+    from iterators.formats.recordio import write_face_rec
     items = []
     for label in range(5):
         for k in range(3):

@@ -5,9 +5,10 @@ import cv2
 import numpy as np
 import pytest
 
-from iterators import build_rec, inspect
+from iterators.tools import build_rec
+from iterators.tools import inspect_dataset as inspect
 from iterators.augment import decode_image
-from iterators.recordio import FaceRecordReader, write_face_rec, write_property
+from iterators.formats.recordio import FaceRecordReader, write_face_rec, write_property
 
 S = 16
 

@@ -11,6 +11,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from iterators.formats.atomic import atomic_write, atomic_write_text
 from recognition import checkpoints as ckpts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,14 +54,14 @@ def test_embedding_checkpoint_cuts_at_fc1_and_drops_fc7(tmp_path):
 
 def test_failed_write_keeps_previous_file(tmp_path):
     path = tmp_path / "x.txt"
-    ckpts.atomic_write_text(path, "old")
+    atomic_write_text(path, "old")
 
     def boom(tmp):
         with open(tmp, "w") as f:
             f.write("partial")
         raise OSError("disk full")
     with pytest.raises(OSError):
-        ckpts._atomic_write(path, boom)
+        atomic_write(path, boom)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["x.txt"]
 
 

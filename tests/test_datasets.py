@@ -5,11 +5,11 @@ import os
 import numpy as np
 import pytest
 
-from eval.bin_format import read_bin
-from iterators import datasets
+from iterators.formats.bin_pack import read_bin
+from iterators.tools import datasets
 from iterators.augment import decode_image
-from iterators.recordio import FaceRecordReader, read_property
-from iterators.synthetic import encode_jpeg, render_identity
+from iterators.formats.recordio import FaceRecordReader, read_property
+from iterators.tools.synthetic import encode_jpeg, render_identity
 from tests.data_fixtures import make_synthetic_dataset
 
 

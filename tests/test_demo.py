@@ -6,7 +6,7 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_prints_model_and_pixel_accuracy(tmp_path, capsys):
-    from iterators.datasets import RegistryUnavailableError
+    from iterators.tools.datasets import RegistryUnavailableError
     from recognition import demo
     try:
         code = demo.main(["--output", str(tmp_path / "demo"), "--max-steps", "3", "--set", "verbose=3",

@@ -9,7 +9,7 @@ import pytest
 
 from iterators import augment
 from iterators.face_iter import FaceImageIter
-from iterators.recordio import write_face_rec, write_property
+from iterators.formats.recordio import write_face_rec, write_property
 
 S = 16  # tiny images keep the tests fast
 

@@ -1,8 +1,8 @@
-"""eval.pairs.sample_pairs: balanced contiguous folds, no duplicates, seeded, clear errors."""
+"""iterators.formats.pairs.sample_pairs: balanced contiguous folds, no duplicates, seeded, clear errors."""
 import numpy as np
 import pytest
 
-from eval.pairs import fold_slices, sample_pairs
+from iterators.formats.pairs import fold_slices, sample_pairs
 
 
 def _check_layout(labels, pairs, issame, num_pairs, nfolds):

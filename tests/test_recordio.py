@@ -7,7 +7,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from iterators import recordio as R
+from iterators.formats import recordio as R
 
 MAGIC = struct.pack("<I", 0xCED7230A)
 

@@ -12,7 +12,7 @@ import pytest
 
 import iterators.triplet_iter as triplet_iter
 from iterators import TripletFaceImageIter, augment
-from iterators.recordio import IRHeader, RecordWriter, pack
+from iterators.formats.recordio import IRHeader, RecordWriter, pack
 from iterators.triplet_iter import l2_normalize_rows, run_lengths
 from symbols.losses import triplet_loss
 from tests.data_fixtures import make_synthetic_dataset

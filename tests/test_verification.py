@@ -7,7 +7,7 @@ from sklearn.model_selection import KFold
 from sklearn.preprocessing import normalize
 
 from eval import verification as ver
-from eval.bin_format import PackFormatError, write_bin
+from iterators.formats.bin_pack import PackFormatError, write_bin
 
 # ----------------------------------------------------------------------------------------------
 # Reference: a straightforward port of insightface's calculate_roc / calculate_val (FaceNet lfw.py),

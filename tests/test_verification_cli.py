@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from eval import verification as ver
-from eval.bin_format import write_bin
+from iterators.formats.bin_pack import write_bin
 
 HW = 8
 

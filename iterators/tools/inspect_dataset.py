@@ -1,6 +1,6 @@
 """Inspect an insightface dataset directory: sizes, images-per-identity histogram, consistency, samples.
 
-``python -m iterators.inspect DIR [--prefix train] [--grid samples.png] [--decode] [--json]``
+``python -m iterators.tools.inspect_dataset DIR [--prefix train] [--grid samples.png] [--decode] [--json]``
 
 Checks (each problem is reported naming the record; the exit status is 1 when there is an error):
 
@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from iterators import augment
-from iterators.recordio import FaceRecordReader, read_property
+from iterators.formats.recordio import FaceRecordReader, read_property
 
 
 def inspect_dataset(data_dir, prefix="train", decode=False):
@@ -161,7 +161,7 @@ def format_report(info):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m iterators.inspect", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m iterators.tools.inspect_dataset", description=__doc__.split("\n")[0])
     parser.add_argument("data_dir", help="directory with <prefix>.rec/.idx and property")
     parser.add_argument("--prefix", default="train")
     parser.add_argument("--decode", action="store_true", help="decode every image and check its size")

@@ -13,9 +13,9 @@ executing code. Both the data layer (dataset tools) and ``eval`` use this module
 import io
 import os
 import pickle
-import tempfile
-
 import numpy as np
+
+from iterators.formats.atomic import atomic_write
 
 # (module, name) pairs a genuine pack may reference. numpy 2 writes `numpy._core`; numpy 1.x
 # reads the same objects from `numpy.core`.
@@ -164,18 +164,7 @@ def write_bin(path, bins, issame):
     issame = [bool(x) for x in issame]
     if len(bins) != 2 * len(issame):
         raise ValueError(f"write_bin({path}): {len(bins)} images for {len(issame)} pairs; need 2 per pair")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:
             pickle.dump((bins, issame), f, protocol=pickle.HIGHEST_PROTOCOL)
-        # mkstemp creates 0600; give the pack the permissions a plain open() would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write)

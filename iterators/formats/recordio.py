@@ -30,9 +30,10 @@ import collections
 import logging
 import os
 import struct
-import tempfile
 
 import numpy as np
+
+from iterators.formats.atomic import atomic_write_text, temp_path
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ def read_property(data_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"property file not found: {path}; it must contain one line 'num_classes,H,W' "
-            "(e.g. '85742,112,112'); write it with iterators.recordio.write_property or "
-            "python -m iterators.build_rec")
+            "(e.g. '85742,112,112'); write it with iterators.formats.recordio.write_property or "
+            "python -m iterators.tools.build_rec")
     with open(path, encoding="utf-8") as f:
         lines = [ln.strip() for ln in f if ln.strip()]
     if not lines:
@@ -101,19 +102,9 @@ def write_property(data_dir, num_classes, H, W):
             raise ValueError(f"write_property({data_dir}): {name} must be a positive integer, got {value!r}")
     data_dir = os.fspath(data_dir)
     os.makedirs(data_dir, exist_ok=True)
-    _atomic_write_text(os.path.join(data_dir, "property"), "%d,%d,%d\n" % (num_classes, H, W))
+    atomic_write_text(os.path.join(data_dir, "property"), "%d,%d,%d\n" % (num_classes, H, W))
 
 
-def _atomic_write_text(path, text):
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------- pack / unpack
@@ -353,7 +344,7 @@ class FaceRecordReader:
         if not os.path.isfile(self.path_imgidx):
             raise FileNotFoundError(
                 f"index file not found: {self.path_imgidx} (needed beside {self.path_imgrec}); an indexed "
-                "RecordIO needs both. Rebuild with python -m iterators.build_rec or mx.recordio.MXIndexedRecordIO")
+                "RecordIO needs both. Rebuild with python -m iterators.tools.build_rec or mx.recordio.MXIndexedRecordIO")
         self._keys, self._offsets = _read_index_arrays(self.path_imgidx)
         n = self._keys.size
         # Key -> row of the index. insightface/MXNet indexes are 0..N-1 in order: then the key is the row.
@@ -542,8 +533,8 @@ def write_face_rec(out_dir, items, image_size=(112, 112), prefix="train"):
     H, W = (int(v) for v in image_size)
     path_rec = os.path.join(out_dir, prefix + ".rec")
     path_idx = os.path.join(out_dir, prefix + ".idx")
-    tmp_rec, tmp_idx = _tmp_name(out_dir, ".rec"), _tmp_name(out_dir, ".idx")
-    stage_rec, stage_idx = _tmp_name(out_dir, ".stage.rec"), _tmp_name(out_dir, ".stage.idx")
+    tmp_rec, tmp_idx = temp_path(out_dir, ".rec"), temp_path(out_dir, ".idx")
+    stage_rec, stage_idx = temp_path(out_dir, ".stage.rec"), temp_path(out_dir, ".stage.idx")
     # Header placeholder: same framed size whatever I0/I1 are (2 float32 labels, no magic inside).
     placeholder = pack(IRHeader(0, [0.0, 0.0], 0, 1))
     labels = []
@@ -622,12 +613,6 @@ def write_face_rec(out_dir, items, image_size=(112, 112), prefix="train"):
         "header0": (i0, i1),
         "missing_labels": missing,
     }
-
-
-def _tmp_name(directory, suffix):
-    fd, path = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    return path
 
 
 __all__ = ["IRHeader", "RecordFormatError", "read_property", "write_property", "pack", "unpack", "label_of",

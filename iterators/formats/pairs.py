@@ -18,6 +18,7 @@ reproduces that layout for any labelled image collection:
 """
 import heapq
 import logging
+import os
 
 import numpy as np
 
@@ -281,4 +282,55 @@ def fold_slices(num_pairs, nfolds=10):
     return out
 
 
-__all__ = ["sample_pairs", "fold_slices"]
+def read_lfw_pairs(path, data_dir, ext="jpg"):
+    """Parse LFW ``pairs.txt`` into ``([(path1, path2)], [issame])`` (file order).
+
+    Lines are read as lists of fields (upstream built a ragged ``np.array`` that numpy >= 1.24
+    refuses). The first line is the ``<sets> <pairs per set>`` header and is skipped.
+
+    Raises
+    ------
+    ValueError
+        A line without 3 or 4 fields, or with a non-integer image number (message quotes the line).
+    """
+    pairs, issame = [], []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for lineno, line in enumerate(lines[1:], 2):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) == 3:
+                name, a, b = fields
+                item = ((name, int(a)), (name, int(b)), True)
+            elif len(fields) == 4:
+                n1, a, n2, b = fields
+                item = ((n1, int(a)), (n2, int(b)), False)
+            else:
+                raise ValueError(f"{len(fields)} fields")
+        except ValueError as exc:
+            raise ValueError(f"{path} line {lineno}: {line!r}: expected 'name i j' (same person) or "
+                             f"'name1 i name2 j' (different people) ({exc})") from None
+        (p, i), (q, j), same = item
+        pairs.append((os.path.join(data_dir, p, f"{p}_{i:04d}.{ext}"), os.path.join(data_dir, q, f"{q}_{j:04d}.{ext}")))
+        issame.append(same)
+    return pairs, issame
+
+
+def read_label_pairs(path, data_dir):
+    """Parse ``pairs_label.txt`` lines ``path1 path2 0|1`` into ``([(path1, path2)], [issame])``."""
+    pairs, issame = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 3 or fields[2] not in ("0", "1"):
+                raise ValueError(f"{path} line {lineno}: {line.strip()!r}: expected 'path1 path2 0|1'")
+            pairs.append((os.path.join(data_dir, fields[0]), os.path.join(data_dir, fields[1])))
+            issame.append(fields[2] == "1")
+    return pairs, issame
+
+
+__all__ = ["sample_pairs", "fold_slices", "read_lfw_pairs", "read_label_pairs"]
