@@ -41,7 +41,7 @@ setup(
             "insightface-build-rec=iterators.tools.build_rec:main",
             "insightface-datasets=iterators.tools.datasets:main",
             "insightface-inspect-dataset=iterators.tools.inspect_dataset:main",
-            "insightface-build-bin=iterators.tools.build_bin:main",
+            "insightface-build-bin=eval.build_bin:main",
         ]
     },
 )

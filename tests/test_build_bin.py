@@ -1,11 +1,11 @@
-"""iterators.tools.build_bin: packs from LFW pairs.txt, pairs_label.txt, identity folders and .rec files."""
+"""eval.build_bin: packs from LFW pairs.txt, pairs_label.txt, identity folders and .rec files."""
 import os
 
 import cv2
 import numpy as np
 import pytest
 
-from iterators.tools import build_bin
+from eval import build_bin
 from iterators.formats.bin_pack import read_bin
 from iterators.formats.pairs import read_label_pairs, read_lfw_pairs, sample_pairs
 from eval.verification import load_bin

@@ -3,10 +3,10 @@
 | command                                         | does |
 |-------------------------------------------------|------|
 | ``python -m iterators.tools.build_rec``         | aligned images (folder tree or face2rec2 ``.lst``) -> ``train.rec/.idx/property`` |
-| ``python -m iterators.tools.build_bin``         | pair list, image folder or ``.rec`` -> verification pack ``<name>.bin`` |
 | ``python -m iterators.tools.datasets``          | the offline datasets: ORL faces and synthetic identities (``.rec`` + ``.bin``) |
 | ``python -m iterators.tools.inspect_dataset``   | statistics, consistency checks and a sample grid of a dataset directory |
 
-``python -m iterators.build_rec``, ``python -m iterators.datasets`` and ``python -m eval.build_bin`` are
-kept as aliases of the first three.
+The verification-pack builder sits with the verifier: ``python -m eval.build_bin`` (pair list, image folder or
+``.rec`` -> ``<name>.bin``). ``python -m iterators.build_rec`` and ``python -m iterators.datasets`` are kept as
+aliases of the first two.
 """
