@@ -49,7 +49,7 @@ def upstream_pairwise_dists(embeddings, dtype=np.float32):
     """Port of insightface ``TripletFaceImageIter.pairwise_dists``: one distance row per image.
 
     Upstream computes ``sum((e_i - E)^2, axis=1)`` with ``mx.nd`` on ``mx.gpu(i % ctx_num)`` (float32);
-    numpy on the CPU replaces the GPU (spec §4.4).
+    numpy on the CPU replaces the GPU (insightface ``src/triplet_image_iter.py`` ``pick_triplets``).
     """
     emb = np.asarray(embeddings, dtype=dtype)
     return [np.sum(np.square(emb[idx] - emb), axis=1) for idx in range(emb.shape[0])]

@@ -1,4 +1,5 @@
-"""Every configuration key, with insightface's defaults (spec §8.2, §14.2).
+"""Every configuration key, with insightface's defaults
+(insightface ``recognition/arcface_mxnet/sample_config.py`` and OLD ``src/train_softmax.py`` flags).
 
 A preset (``configs/<name>.py``) sets only what differs; ``--config FILE`` loads the preset on top
 of this file and CLI flags (insightface's kebab-case names) override both. Units and valid values
@@ -66,9 +67,11 @@ config.max_steps = 0             # stop after this many global batches (0 = no l
 config.end_epoch = 10000         # Module.fit num_epoch (effectively unlimited; use max_steps)
 
 # ---------------------------------------------------------------- logging, verification, checkpoints
-config.frequent = 20             # Speedometer period, batches
-config.verbose = 2000            # verification period, global batches
-config.ckpt = 3                  # 0 never, 1 save best (new epoch number), 2 always, 3 best into slot 1
+config.frequent = 20             # --frequent: log speed and training metrics every this many batches (Speedometer)
+config.verbose = 2000            # --verbose (insightface's name): VERIFY on the .bin packs, and write the resume
+                                 # state, every this many global batches; not a log level
+config.ckpt = 3                  # --ckpt: checkpoint POLICY at each verification: 0 never save model files,
+                                 # 1 save the best as a new number, 2 save every time, 3 best overwrites slot 1
 config.ckpt_embedding = True     # True: checkpoint cut at fc1_output without fc7 (deployable); False: full symbol
 config.models_root = "./models"  # run directories go here: <models_root>/<network>-<loss>-<dataset>
 config.prefix = ""               # checkpoint prefix ("" = <run_dir>/model)

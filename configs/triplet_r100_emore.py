@@ -1,4 +1,4 @@
-"""insightface HEAD triplet fine-tuning of r100 on emore (``sample_config.py`` ``loss.triplet``, spec §8.2).
+"""insightface HEAD triplet fine-tuning of r100 on emore (``sample_config.py`` ``loss.triplet``).
 
 HEAD's ``loss.triplet`` sets ``per_batch_size 60``, ``lr 0.05``, ``images_per_identity 5``,
 ``triplet_bag_size 7200``, ``triplet_alpha 0.3``, ``triplet_max_ap 0``; ``mom`` stays HEAD's default 0.9

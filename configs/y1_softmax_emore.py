@@ -1,5 +1,5 @@
 """MobileFaceNet (y1) stage 1: plain softmax pre-training on emore (insightface's recipe for small nets:
-margin losses from scratch collapse MobileFaceNet, USERS.md #3), embedding 128-d with the GDC head (HEAD
+margin losses from scratch tend to collapse MobileFaceNet, as insightface issues report), embedding 128-d with the GDC head (HEAD
 ``network.y1``). Stage 2 is ``y1_arcface_emore.py``, which loads this run's weights with ``--pretrained``.
 """
 config = {

@@ -1,4 +1,5 @@
-"""insightface's ``AccMetric`` and ``LossValueMetric`` as ``mx.metric.EvalMetric`` subclasses (spec §7).
+"""insightface's ``AccMetric`` and ``LossValueMetric`` as ``mx.metric.EvalMetric`` subclasses
+(insightface ``recognition/arcface_mxnet/metric.py``; OLD ``src/train_softmax.py`` L45-82, commit 9fc3cc9c).
 
 Output-order contract (``symbols.get_symbol``): ``preds[0]`` = embedding, ``preds[1]`` = SoftmaxOutput
 probabilities (B, C), ``preds[-1]`` = scalar loss (``ce_loss`` or the triplet ``MakeLoss``).

@@ -1,7 +1,7 @@
 """insightface verification-pack (`<name>.bin`) format: one writer and one safe reader.
 
 A pack is ``pickle.dump((bins, issame_list))`` where ``bins`` holds 2N encoded images (pair i is
-``bins[2i], bins[2i+1]``) and ``issame_list`` holds N booleans (spec §2.7). Packs in the wild were
+``bins[2i], bins[2i+1]``) and ``issame_list`` holds N booleans (insightface ``src/eval/verification.py`` ``load_bin``, commit 9fc3cc9c; ``src/data/lfw2pack.py``). Packs in the wild were
 written by Python 2 (``str`` payloads, read back with ``encoding='bytes'``) and by Python 3 (``bytes``,
 or the ``np.ndarray`` returned by ``cv2.imencode``).
 

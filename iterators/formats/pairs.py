@@ -1,6 +1,6 @@
 """Balanced genuine/impostor pair sampling for verification packs (`.bin`).
 
-insightface evaluates a pack with a *contiguous* 10-fold split (spec §9.4): fold f is pairs
+insightface evaluates a pack with a *contiguous* 10-fold split (insightface ``src/eval/verification.py`` ``calculate_roc`` with ``LFold``, commit 9fc3cc9c): fold f is pairs
 ``[f*n/k, (f+1)*n/k)``. LFW's ``pairs.txt`` is laid out to match: 10 sets, each with 300 matched
 pairs followed by 300 mismatched pairs, and the people of different sets are disjoint. ``sample_pairs``
 reproduces that layout for any labelled image collection:

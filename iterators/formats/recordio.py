@@ -1,4 +1,5 @@
-"""insightface's RecordIO dataset layout: ``train.rec`` / ``train.idx`` / ``property`` (spec §2.1-§2.4).
+"""insightface's RecordIO dataset layout: ``train.rec`` / ``train.idx`` / ``property``
+(insightface ``src/data/face2rec2.py`` and ``recognition/arcface_mxnet/common/rec_builder.py`` ``RecBuilder``).
 
 Record format (MXNet / dmlc-core, identical bytes)
 --------------------------------------------------

@@ -1,6 +1,6 @@
 """Build insightface's ``train.rec``/``train.idx``/``property`` from an image folder tree or a ``.lst`` file.
 
-Inputs (spec §2.4):
+Inputs (insightface ``src/data/face2rec2.py``, ``src/common/face_preprocess.py`` ``parse_lst_line``):
 
 * a folder tree ``DIR/<identity>/<image>`` - one sub-folder per identity, folders sorted by name,
   labels consecutive 0..C-1 (identities with fewer than ``--min-images`` images are left out, as
@@ -39,7 +39,7 @@ from iterators.formats.recordio import write_face_rec
 
 logger = logging.getLogger(__name__)
 
-# insightface's 5-point ArcFace template for 112x112 (RA/common/face_align.py arcface_src; spec §2.6).
+# insightface's 5-point ArcFace template for 112x112 (insightface recognition/arcface_mxnet/common/face_align.py ``arcface_src``).
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
 
@@ -61,7 +61,7 @@ def scan_folder(input_dir, min_images=1):
 
 
 def parse_lst(path):
-    """Parse a face2rec2 ``.lst`` (spec §2.4) -> list of ListItem (``aligned=0`` without landmarks included;
+    """Parse a face2rec2 ``.lst`` (``src/common/face_preprocess.py`` ``parse_lst_line``) -> list of ListItem (``aligned=0`` without landmarks included;
     the encoder reports them as skipped)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
