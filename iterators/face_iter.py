@@ -1,4 +1,8 @@
-"""``FaceImageIter``: insightface's softmax-training iterator over an insightface ``.rec`` (spec §3).
+"""``FaceImageIter``: insightface's softmax-training iterator over an insightface ``.rec``.
+
+Behaviour follows insightface's ``FaceImageIter`` (``recognition/arcface_mxnet/image_iter.py``): the
+header record 0 gives the identity records, whose ``[start, end)`` labels give the image records; only
+``train.rec``/``train.idx`` are needed, ``property`` is read when present.
 
 Differences from upstream, all deliberate:
 
@@ -13,7 +17,11 @@ Differences from upstream, all deliberate:
 * ``mean`` is refused: the networks normalise ``(x - 127.5) * 0.0078125`` inside the graph and
   upstream's ``mean`` path would normalise twice;
 * no ``**kwargs``: unknown arguments raise ``TypeError``. ``ctx_num`` is accepted and ignored, as
-  upstream's ``**kwargs`` did.
+  upstream's ``**kwargs`` did;
+* ``num_classes`` (used to check every label) comes from the argument, else ``property``, else the
+  identity records (label of each identity's first image + 1); only a ``.rec`` without header and
+  without ``property`` needs the argument;
+* ``state_dict()`` / ``load_state_dict()`` resume mid-epoch in O(1) (see :meth:`FaceImageIter.state_dict`).
 
 Batch data are handed to MXNet without a copy (``mx.nd.from_numpy(zero_copy=True)`` on a buffer
 allocated per batch and never reused), so consumers may keep batches as long as they like.
@@ -29,7 +37,8 @@ import numpy as np
 
 from iterators import augment
 from iterators.formats.recordio import FaceRecordReader, RecordFormatError, read_property
-from iterators.workers import DecodeWorkersMixin
+from iterators.workers import (STATE_VERSION, DecodeWorkersMixin, check_state_config, check_state_header, jsonable,
+                               set_rng_state)
 
 logger = logging.getLogger(__name__)
 
@@ -126,15 +135,25 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
 
         self.reader = FaceRecordReader(self.path_imgrec)
         data_dir = os.path.dirname(os.path.abspath(self.path_imgrec))
-        if num_classes is None:
-            try:
-                num_classes, prop_size = read_property(data_dir)
-            except FileNotFoundError as exc:
-                raise FileNotFoundError(f"FaceImageIter: {exc}; or pass num_classes explicitly") from None
+        if num_classes is not None:
+            self.num_classes_source = "the num_classes argument"
+        elif os.path.isfile(os.path.join(data_dir, "property")):
+            num_classes, prop_size = read_property(data_dir)
+            self.num_classes_source = f"{data_dir}/property"
             if tuple(prop_size) != tuple(self.image_size):
                 logger.warning("%s/property says images are %dx%d but data_shape is %s; images whose height "
                                "differs are resized (resize_short) and must then be %dx%d", data_dir,
                                prop_size[0], prop_size[1], data_shape, *self.image_size)
+        elif self.reader.header0 is not None:
+            # insightface's FaceImageIter needs only .rec/.idx: the identity records give the classes.
+            num_classes = num_classes_from_identity_records(self.reader)
+            self.num_classes_source = f"the identity records of {self.path_imgrec}"
+            logger.info("no property file in %s: num_classes=%d from the identity records", data_dir, num_classes)
+        else:
+            raise FileNotFoundError(
+                f"FaceImageIter: property file not found: {data_dir}/property, and {self.path_imgrec} has no "
+                "insightface header (record 0 with the identity range) to derive the number of classes from; "
+                "write the property file ('num_classes,H,W'), or pass num_classes explicitly")
         if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes <= 0:
             raise ValueError(f"FaceImageIter: num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes = int(num_classes)
@@ -159,34 +178,30 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
         self.data_name, self.label_name = data_name, label_name
         self.provide_data = [mx.io.DataDesc(data_name, (self.batch_size,) + data_shape)]
         self.provide_label = [mx.io.DataDesc(label_name, (self.batch_size,))]
+        self._seed_given = seed is not None
         self._entropy = np.random.SeedSequence(seed).entropy
         self._epoch = -1
         self._start_workers(self.num_workers, "FaceImageIter")
+        # _pending: submitted chunks (start position in seq, length, generator state before their draws, task);
+        # _ready: decoded samples of the chunk _ready_chunk = (start, length, generator state) being consumed.
         self._pending = collections.deque()
         self._ready = collections.deque()
+        self._ready_chunk = None
         self.seq = np.asarray(self.imgidx, dtype=np.int64)
         self.cur = 0
         self.num_corrupt = 0
         self.is_init = False
+        self._batches = 0  # batches returned by next() in this epoch
         self._window = max(1, math.ceil(self.prefetch * self.batch_size / _CHUNK))
 
     # ------------------------------------------------------------------ DataIter contract
     def reset(self):
         """Start a new epoch: drop prefetched work, reshuffle (if ``shuffle``), restart at 0, start prefetching."""
         logger.debug("call reset()")
-        for fut in self._pending:
-            if isinstance(fut, concurrent.futures.Future):
-                fut.cancel()
-        self._pending.clear()
-        self._ready.clear()
+        self._drop_prefetched()
         self._epoch += 1
-        # One generator per epoch, derived from (seed, epoch): draws do not depend on how far the
-        # previous epoch prefetched before reset() was called.
-        self._rng = np.random.default_rng([self._entropy, self._epoch])
-        if self.shuffle:
-            self.seq = self._rng.permutation(np.asarray(self.imgidx, dtype=np.int64))
+        self._start_epoch()
         self.cur = 0
-        self.is_init = True
         self._fill()  # decode the first batches of the epoch before the first next() asks for them
 
     def next(self):
@@ -201,9 +216,11 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
             if not self._ready:
                 self._fill()
                 if not self._pending:
+                    self._ready_chunk = None
                     raise StopIteration
-                task = self._pending.popleft()
+                start, n, rng_state, task = self._pending.popleft()
                 self._ready.extend(task.result() if self._executor is not None else task())
+                self._ready_chunk = (start, n, rng_state)
                 self._fill()
                 continue
             rid, lab, arr, reason = self._ready.popleft()
@@ -215,6 +232,7 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
             data[i] = arr
             label[i] = lab
             i += 1
+        self._batches += 1
         # Zero-copy hand-over (DLPack): `data` is fresh and never touched again here. mx.nd.array
         # would copy B*3*H*W floats in this thread (~17 ms for B=128 at 112x112).
         return mx.io.DataBatch(data=[mx.nd.from_numpy(data, zero_copy=True)], label=[mx.nd.array(label)], pad=0,
@@ -225,17 +243,117 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
         """Batches per epoch, ``floor(len(imgidx) / batch_size)`` (before corrupt records are skipped)."""
         return len(self.imgidx) // self.batch_size
 
+    # ------------------------------------------------------------------ resume
+    def state_dict(self):
+        """Where the iterator stands, as a JSON-serialisable dict (plain ints, bools, lists, str).
+
+        Captures the epoch (number of ``reset()`` calls - 1; -1 before the first), the cursor (batches
+        returned by ``next()`` in this epoch; prefetched batches do not count), the position in the epoch's
+        order of the next image to return and the generator state that draws its augmentation, the count
+        of corrupt records skipped, and the construction fields that must match on load (record count,
+        usable images, batch size, shape, shuffle, augmentation flags, images_filter, num_classes, seed).
+        Its size does not depend on the dataset or the cursor.
+        """
+        if self._ready_chunk is not None and self._ready:
+            start, n, rng_state = self._ready_chunk
+            skip = n - len(self._ready)
+        elif self._pending:
+            start, _, rng_state, _ = self._pending[0]
+            skip = 0
+        else:
+            start, rng_state, skip = self.cur, (self._rng.bit_generator.state if self.is_init else None), 0
+        return {
+            "type": "FaceImageIter",
+            "version": STATE_VERSION,
+            "config": self._state_config(),
+            "entropy": int(self._entropy),
+            "epoch": int(self._epoch),
+            "is_init": bool(self.is_init),
+            "cursor": int(self._batches),
+            "position": int(start + skip),
+            "rng_state": jsonable(rng_state),
+            "rng_skip": int(skip),
+            "num_corrupt": int(self.num_corrupt),
+        }
+
+    def load_state_dict(self, state):
+        """Continue from ``state`` (from :meth:`state_dict` of an iterator built with the same arguments).
+
+        The following ``next()`` calls return, bitwise, the batches the saved iterator would have returned
+        next, and later ``reset()`` calls continue as it would have. Nothing is decoded here; the first
+        ``next()`` decodes only from the saved position on (cost independent of the cursor: the epoch's
+        order is recomputed from (seed, epoch), the generator state is restored). Do not call ``reset()``
+        after loading to "start" the epoch: the loaded state is already inside it (``reset()`` starts the
+        NEXT epoch, as it would on the saved iterator).
+
+        An iterator built with ``seed=None`` adopts the saved seed; an explicit different seed, another
+        ``.rec`` size, batch size, shape or augmentation setting raises ``ValueError`` naming the field.
+        """
+        check_state_header("FaceImageIter", state, STATE_VERSION)
+        check_state_config("FaceImageIter", state["config"], self._state_config())
+        entropy = int(state["entropy"])
+        if self._seed_given and entropy != self._entropy:
+            raise ValueError(f"FaceImageIter.load_state_dict: seed mismatch: the state was saved with seed {entropy} "
+                             f"but this iterator has seed {self._entropy}; build it with the seed of the saved run "
+                             "(or seed=None to adopt the saved one)")
+        epoch, position, skip = int(state["epoch"]), int(state["position"]), int(state["rng_skip"])
+        cursor = int(state["cursor"])
+        if not state["is_init"] or epoch < 0:
+            self._drop_prefetched()
+            self._entropy, self._epoch, self.is_init, self.cur, self._batches = entropy, -1, False, 0, 0
+            self.num_corrupt = int(state["num_corrupt"])
+            return
+        if not 0 <= position <= len(self.imgidx) or not 0 <= cursor <= self.num_batches or skip < 0:
+            raise ValueError(f"FaceImageIter.load_state_dict: position {position} / cursor {cursor} out of range "
+                             f"for {len(self.imgidx)} images in batches of {self.batch_size}")
+        self._drop_prefetched()
+        self._entropy = entropy
+        self._epoch = epoch
+        self._start_epoch()  # the epoch's order, from (seed, epoch)
+        set_rng_state(self._rng, state["rng_state"])
+        for _ in range(skip):  # draws of the images of a chunk already returned (< one chunk)
+            self._draw()
+        self.cur = position
+        self._batches = cursor
+        self.num_corrupt = int(state["num_corrupt"])
+
+    def _state_config(self):
+        return {"num_records": len(self.reader.keys), "num_images": len(self.imgidx), "batch_size": self.batch_size,
+                "data_shape": list(self.data_shape), "shuffle": self.shuffle, "rand_mirror": self.rand_mirror,
+                "cutoff": self.cutoff, "color_jittering": self.color_jittering, "images_filter": self.images_filter,
+                "num_classes": self.num_classes, "aug_list": len(self.aug_list)}
+
     # ------------------------------------------------------------------ internals
+    def _start_epoch(self):
+        # One generator per epoch, derived from (seed, epoch): draws do not depend on how far the
+        # previous epoch prefetched before reset() was called.
+        self._rng = np.random.default_rng([self._entropy, self._epoch])
+        if self.shuffle:
+            self.seq = self._rng.permutation(np.asarray(self.imgidx, dtype=np.int64))
+        self.is_init = True
+        self._batches = 0
+
+    def _drop_prefetched(self):
+        for _, _, _, task in self._pending:
+            if isinstance(task, concurrent.futures.Future):
+                task.cancel()
+        self._pending.clear()
+        self._ready.clear()
+        self._ready_chunk = None
+
     def _fill(self):
         """Submit chunks in sequence order until the prefetch window is full (draws happen here)."""
         while len(self._pending) < self._window and self.cur < len(self.seq):
-            ids = self.seq[self.cur:self.cur + _CHUNK].tolist()
+            start = self.cur
+            ids = self.seq[start:start + _CHUNK].tolist()
             self.cur += len(ids)
+            rng_state = self._rng.bit_generator.state
             params = [self._draw() for _ in ids]
             if self._executor is not None:
-                self._pending.append(self._executor.submit(self._load_chunk, ids, params))
+                task = self._executor.submit(self._load_chunk, ids, params)
             else:
-                self._pending.append(lambda ids=ids, params=params: self._load_chunk(ids, params))
+                task = lambda ids=ids, params=params: self._load_chunk(ids, params)  # noqa: E731
+            self._pending.append((start, len(ids), rng_state, task))
 
     def _draw(self):
         rng = self._rng
@@ -260,7 +378,7 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
         if not 0 <= label < self.num_classes:
             raise ValueError(
                 f"{where}: label {label} is outside 0..{self.num_classes - 1} (num_classes={self.num_classes} "
-                "from property or the num_classes argument); fix the property file or rebuild the .rec")
+                f"from {self.num_classes_source}); fix the property file or rebuild the .rec")
         try:
             img = augment.decode_image(payload, self.image_size, where)
         except augment.ImageDecodeError as exc:
@@ -278,4 +396,19 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
         return rid, label, augment.to_chw_float(img), None
 
 
-__all__ = ["FaceImageIter"]
+def num_classes_from_identity_records(reader):
+    """Number of classes of an insightface ``.rec`` with header, from its identity records alone.
+
+    Images are grouped by class and identity record ``k`` lists the images of one class, so the label of
+    each identity's first image is that identity's class; C = max of those labels + 1 (at least the number
+    of identity records ``I1 - I0``, as insightface's RecBuilder writes one per class). Reads one record
+    header per identity (no image is decoded).
+    """
+    if reader.header0 is None:
+        raise ValueError(f"{reader.path_imgrec} has no insightface header: the identity records are needed")
+    firsts = [a for a, b in reader.id2range.values() if b > a]
+    top = int(reader.labels(firsts).max()) + 1 if firsts else 0
+    return max(top, reader.header0[1] - reader.header0[0])
+
+
+__all__ = ["FaceImageIter", "num_classes_from_identity_records"]

@@ -296,8 +296,8 @@ def test_constructor_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"record file not found: .*missing.rec"):
         FaceImageIter(2, (3, S, S), str(tmp_path / "missing.rec"))
     (tmp_path / "property").unlink()
-    with pytest.raises(FileNotFoundError, match=r"property file not found: .*property.*or pass num_classes"):
-        FaceImageIter(2, (3, S, S), rec)
+    # insightface's FaceImageIter needs only .rec/.idx: the header's identity records give num_classes.
+    assert FaceImageIter(2, (3, S, S), rec).num_classes == 3
     assert FaceImageIter(2, (3, S, S), rec, num_classes=3, ctx_num=2).ctx_num == 2  # accepted, ignored
     assert FaceImageIter(2, (3, S, S), rec, num_classes=3, cutoff=False).cutoff == 0  # HEAD's data_cutoff=False
     (tmp_path / "train.idx").unlink()
@@ -317,6 +317,38 @@ def test_headerless_rec(tmp_path):
     assert [b[0][1, 0, 0, 0] for b in batches] == [8, 10]
     with pytest.raises(ValueError, match="images_filter=2 needs identity records"):
         FaceImageIter(2, (3, S, S), str(tmp_path / "s.rec"), num_classes=2, images_filter=2)
+    # No header, no property, no num_classes: nothing to derive the classes from.
+    with pytest.raises(FileNotFoundError, match=r"property file not found: .*property.*or pass num_classes"):
+        FaceImageIter(2, (3, S, S), str(tmp_path / "s.rec"))
+
+
+def test_rec_without_property_file(tmp_path):
+    """insightface's FaceImageIter reads only train.rec/.idx; property is optional (read when present)."""
+    rec, images = _make_rec(tmp_path, counts=(3, 4, 2))
+    with_property = _epoch(FaceImageIter(2, (3, S, S), rec, shuffle=True, rand_mirror=True, seed=3, num_workers=0))
+    (tmp_path / "property").unlink()
+    it = FaceImageIter(2, (3, S, S), rec, shuffle=True, rand_mirror=True, seed=3, num_workers=0)
+    assert it.num_classes == 3 and "identity records" in it.num_classes_source
+    without = _epoch(it)
+    assert len(without) == len(with_property) == 4
+    for (da, la), (db, lb) in zip(with_property, without):
+        np.testing.assert_array_equal(da, db)
+        np.testing.assert_array_equal(la, lb)
+
+
+def test_num_classes_from_identity_records_with_a_class_without_images(tmp_path):
+    """Labels 0, 1, 3 (class 2 has no image): C = highest label + 1, not the number of identity records."""
+    from iterators.face_iter import num_classes_from_identity_records
+    from iterators.formats.recordio import FaceRecordReader
+    img = np.full((S, S, 3), 9, np.uint8)
+    write_face_rec(tmp_path, [(lab, _png(img)) for lab in (0, 0, 1, 1, 3, 3)], image_size=(S, S))
+    rec = str(tmp_path / "train.rec")
+    (tmp_path / "property").unlink()
+    with FaceRecordReader(rec) as reader:
+        assert num_classes_from_identity_records(reader) == 4
+    it = FaceImageIter(2, (3, S, S), rec, num_workers=0)
+    assert it.num_classes == 4
+    assert [lab.tolist() for _, lab in _epoch(it)] == [[0, 0], [1, 1], [3, 3]]
 
 
 def test_iterators_package_exports_face_image_iter():
