@@ -10,8 +10,8 @@ import mxnet as mx
 
 logger = logging.getLogger(__name__)
 
-# Input normalisation done inside the network (spec §1.2): x = (x - 127.5) * 0.0078125,
-# 0.0078125 = 1/128 maps RGB 0..255 to about [-1, 1).
+# Input normalisation done inside the network (insightface fresnet.resnet / fmobilefacenet.get_symbol):
+# x = (x - 127.5) * 0.0078125; 0.0078125 = 1/128 maps RGB 0..255 to about [-1, 1).
 PIXEL_MEAN = 127.5
 PIXEL_SCALE = 0.0078125
 

@@ -1,4 +1,7 @@
-"""MobileFaceNet (insightface ``fmobilefacenet``, network names ``y1``/``y2``; spec §5.4).
+"""MobileFaceNet (network names ``y1``/``y2``).
+
+Source: insightface HEAD 7fadd420 ``recognition/arcface_mxnet/symbol/fmobilefacenet.py`` (``Conv``, ``Linear``,
+``DResidual``, ``Residual``, ``get_symbol``); presets from HEAD ``sample_config.py`` ``network.y1`` / ``network.y2``.
 
 Blocks: ``Conv`` = conv (no bias) ``<n>_conv2d`` + BN ``<n>_batchnorm`` (MXNet's default eps 1e-3) +
 Act ``<n>_relu``; ``Linear`` = conv + BN; ``DResidual`` = ``_conv_sep`` 1x1 Conv -> ``_conv_dw``
@@ -21,6 +24,7 @@ import mxnet as mx
 
 from .common import MXNET_DEFAULT_BN_EPS, act, batchnorm, conv, normalize_input
 from .heads import get_fc1
+from .registry import register_network
 
 # Channels of conv_6sep, the map the embedding head sees.
 LAST_CHANNELS = 512
@@ -61,16 +65,23 @@ class _Blocks:
         return identity
 
 
-def get_symbol(emb_size=128, fc_type="GDC", net_blocks=(1, 4, 6, 2), bn_mom=0.9, net_act="prelu", fast_prelu=True,
+@register_network("y2", preset={"emb_size": 256, "net_output": "GDC", "net_blocks": [2, 8, 16, 4]},
+                  initializer="gaussian_out")
+@register_network("y1", preset={"emb_size": 128, "net_output": "GDC", "net_blocks": [1, 4, 6, 2]},
+                  initializer="gaussian_out")
+def get_symbol(emb_size=512, fc_type="E", net_blocks=(1, 4, 6, 2), bn_mom=0.9, net_act="prelu", fast_prelu=True,
                workspace=256):
     """Build the MobileFaceNet embedding symbol.
+
+    Keyword defaults equal configs/base.py's values (as HEAD, where the head and size come from the config);
+    the ``y1``/``y2`` presets set emb_size 128/256 and the GDC head.
 
     Parameters
     ----------
     emb_size : int
         D (y1: 128, y2: 256).
     fc_type : str
-        Embedding head (insightface's y1/y2 use 'GDC').
+        Embedding head (insightface's y1/y2 presets use 'GDC').
     net_blocks : sequence of 4 ints
         Residual blocks per stage (y1 [1,4,6,2], y2 [2,8,16,4]).
     bn_mom, net_act, fast_prelu, workspace

@@ -1,10 +1,28 @@
-"""fresnet: insightface's face ResNets ("LResNet-E-IR", spec §5.2), r18 ... r269.
+"""fresnet: insightface's face ResNets ("LResNet-E-IR"), r18 ... r269.
+
+Source: insightface HEAD 7fadd420 ``recognition/arcface_mxnet/symbol/fresnet.py`` (``residual_unit_v1``,
+``residual_unit_v1_L``, ``residual_unit_v2``, ``residual_unit_v3``, ``residual_unit``, ``resnet``,
+``get_symbol``); OLD ``src/symbols/fresnet.py`` (0972924a) has the same units.
 
 Default = ``net_input=1`` (3x3 stride-1 stem, so 112 -> 56 -> 28 -> 14 -> 7 over the four stride-2
 stages), ``net_unit=3`` (the "IR" unit BN-Conv-BN-PReLU-Conv-BN + shortcut, no activation after
 the add), ``net_output='E'`` head. Parameter names equal insightface's (``conv0_weight``,
 ``stage1_unit1_bn1_gamma``, ``stage1_unit1_relu1_gamma``, ``stage1_unit1_conv1sc_weight``,
 ``stage1_unit1_sc_moving_mean``, ``bn1_*``, ``pre_fc1_weight``, ``fc1_*``) so checkpoints load by name.
+
+Which convolution of a unit carries the stage's stride (upstream, every version; checked by
+tests/test_networks.py from the symbol JSON):
+
+| unit (net_unit, net_input)  | basic (3x3, 3x3) | bottleneck (1x1, 3x3, 1x1) |
+|-----------------------------|------------------|----------------------------|
+| v1   (1, input 0)           | conv1            | conv1                      |
+| v1_L (1, input 1 or 2)      | conv2            | conv3                      |
+| v2   (2)                    | conv1            | conv2                      |
+| v3   (3, default)           | conv2            | conv3                      |
+
+The projection shortcut (``conv1sc``, v2 ``sc``) is a 1x1 conv with the same stride. Upstream's dispatch
+``residual_unit`` sends ``version_unit == 4`` to ``residual_unit_v4``, which no insightface commit defines
+(a NameError there); it is refused here with a clear error.
 """
 import logging
 
@@ -12,10 +30,11 @@ import mxnet as mx
 
 from .common import BN_EPS, act, batchnorm, conv, normalize_input
 from .heads import get_fc1
+from .registry import register_network
 
 logger = logging.getLogger(__name__)
 
-# num_layers -> residual units per stage (union of insightface OLD and HEAD tables, spec §5.2).
+# num_layers -> residual units per stage (union of the tables of OLD and HEAD fresnet.get_symbol).
 UNITS = {
     18: [2, 2, 2, 2],
     34: [3, 4, 6, 3],
@@ -105,24 +124,31 @@ class _UnitBuilder:
             body = self.se(body, num_filter, name)
         return body + self.shortcut(data, num_filter, stride, dim_match, name)
 
-    def unit_v1(self, data, num_filter, stride, dim_match, name, bottle_neck, stride_on_second):
-        """ResNet-v1 post-activation unit; ``stride_on_second`` is insightface's v1_L (stride on conv2)."""
-        first_stride, second_stride = ((1, 1), stride) if stride_on_second else (stride, (1, 1))
+    def unit_v1(self, data, num_filter, stride, dim_match, name, bottle_neck, large_input):
+        """ResNet-v1 post-activation unit: conv/BN/Act blocks (+SE) + shortcut -> Act ``relu3``.
+
+        ``large_input`` False is insightface's ``residual_unit_v1`` (net_input 0): the FIRST conv carries the
+        stride. True is ``residual_unit_v1_L`` (net_input 1/2): the LAST conv does (conv3 of a bottleneck,
+        conv2 of a basic unit), so the 3x3 conv of a bottleneck keeps stride 1.
+        """
+        convs = 3 if bottle_neck else 2
+        strided = convs if large_input else 1
+        strides = {i: stride if i == strided else (1, 1) for i in range(1, convs + 1)}
         if bottle_neck:
             inner = int(num_filter * 0.25)
-            body = self.conv(data, inner, (1, 1), first_stride, (0, 0), name + "_conv1")
+            body = self.conv(data, inner, (1, 1), strides[1], (0, 0), name + "_conv1")
             body = self.bn(body, name + "_bn1")
             body = self.act(body, name + "_relu1", inner)
-            body = self.conv(body, inner, (3, 3), second_stride, (1, 1), name + "_conv2")
+            body = self.conv(body, inner, (3, 3), strides[2], (1, 1), name + "_conv2")
             body = self.bn(body, name + "_bn2")
             body = self.act(body, name + "_relu2", inner)
-            body = self.conv(body, num_filter, (1, 1), (1, 1), (0, 0), name + "_conv3")
+            body = self.conv(body, num_filter, (1, 1), strides[3], (0, 0), name + "_conv3")
             body = self.bn(body, name + "_bn3")
         else:
-            body = self.conv(data, num_filter, (3, 3), first_stride, (1, 1), name + "_conv1")
+            body = self.conv(data, num_filter, (3, 3), strides[1], (1, 1), name + "_conv1")
             body = self.bn(body, name + "_bn1")
             body = self.act(body, name + "_relu1", num_filter)
-            body = self.conv(body, num_filter, (3, 3), second_stride, (1, 1), name + "_conv2")
+            body = self.conv(body, num_filter, (3, 3), strides[2], (1, 1), name + "_conv2")
             body = self.bn(body, name + "_bn2")
         if self.use_se:
             body = self.se(body, num_filter, name)
@@ -160,7 +186,7 @@ class _UnitBuilder:
         """insightface's ``residual_unit`` dispatch: 1 -> v1 (input 0) / v1_L (input != 0), 2 -> v2, else v3."""
         if version_unit == 1:
             return self.unit_v1(data, num_filter, stride, dim_match, name, bottle_neck,
-                                stride_on_second=version_input != 0)
+                                large_input=version_input != 0)
         if version_unit == 2:
             return self.unit_v2(data, in_channels, num_filter, stride, dim_match, name, bottle_neck)
         return self.unit_v3(data, num_filter, stride, dim_match, name, bottle_neck)
@@ -179,8 +205,10 @@ def filter_list(num_layers, multiplier=1.0, bottleneck_from=HEAD_BOTTLENECK_FROM
 
 def get_symbol(num_layers, emb_size=512, fc_type="E", net_input=1, net_unit=3, net_se=0, net_act="prelu",
                bn_mom=0.9, workspace=256, net_multiplier=1.0, fast_prelu=True,
-               bottleneck_from=HEAD_BOTTLENECK_FROM):
-    """Build the fresnet embedding symbol.
+               net_bottleneck_from=HEAD_BOTTLENECK_FROM):
+    """Build the fresnet embedding symbol (registered as ``r<depth>``, ``r100fc``, ``r50v1``).
+
+    Keyword defaults equal configs/base.py's values (tests/test_registry.py checks).
 
     Parameters
     ----------
@@ -194,7 +222,8 @@ def get_symbol(num_layers, emb_size=512, fc_type="E", net_input=1, net_unit=3, n
         Stem: 0 = conv0 7x7/2 pad 3, 1 = conv0 3x3/1 pad 1 (default), 2 = BN ``bn_data`` on the raw input
         then conv0 3x3/1 (no (x - 127.5)/128 normalisation, as insightface).
     net_unit : int
-        Residual unit version: 1 (v1 / v1_L), 2 (v2 pre-activation), 3 (default IR unit).
+        Residual unit version: 1 (v1 with net_input 0, v1_L otherwise), 2 (v2 pre-activation), 3 (default IR
+        unit). See the module table for which conv carries the stride.
     net_se : int
         1 adds squeeze-and-excitation to every unit.
     net_act : str
@@ -205,7 +234,7 @@ def get_symbol(num_layers, emb_size=512, fc_type="E", net_input=1, net_unit=3, n
         Scales every width of the filter list (1.0 = insightface's widths).
     fast_prelu : bool
         Build PReLU as relu(x) - gamma*relu(-x) (see :func:`symbols.common.prelu`).
-    bottleneck_from : int
+    net_bottleneck_from : int
         Depth from which bottleneck units are used (HEAD 500, OLD 101).
 
     Inputs / Outputs
@@ -217,10 +246,10 @@ def get_symbol(num_layers, emb_size=512, fc_type="E", net_input=1, net_unit=3, n
     if net_input not in (0, 1, 2):
         raise ValueError(f"fresnet: net_input={net_input!r} is not one of 0, 1, 2")
     if net_unit not in (1, 2, 3):
-        raise ValueError(f"fresnet: net_unit={net_unit!r} is not one of 1, 2, 3 "
-                         "(insightface's unit 4 is referenced but undefined upstream)")
+        raise ValueError(f"fresnet: net_unit={net_unit!r} is not one of 1, 2, 3 (insightface's residual_unit "
+                         "dispatches 4 to residual_unit_v4, which no insightface commit defines)")
     units = UNITS[num_layers]
-    filters, bottle_neck = filter_list(num_layers, net_multiplier, bottleneck_from)
+    filters, bottle_neck = filter_list(num_layers, net_multiplier, net_bottleneck_from)
     builder = _UnitBuilder(bn_mom, workspace, net_act, bool(net_se), fast_prelu)
 
     data = mx.sym.Variable(name="data")
@@ -254,3 +283,15 @@ def get_symbol(num_layers, emb_size=512, fc_type="E", net_input=1, net_unit=3, n
         body = builder.act(body, "relud", in_channels)
     return get_fc1(body, emb_size, fc_type, in_channels=in_channels, bn_mom=bn_mom, act_type=net_act,
                    fast_prelu=fast_prelu, workspace=workspace)
+
+
+def _register(name, num_layers, preset=None):
+    """Register ``name`` as fresnet of ``num_layers`` (options: the keyword parameters of get_symbol)."""
+    register_network(name, preset=preset, fixed={"num_layers": num_layers}, initializer="gaussian_out")(get_symbol)
+
+
+for _depth in UNITS:
+    _register(f"r{_depth}", _depth)
+# HEAD sample_config.py network presets beyond the plain depths.
+_register("r100fc", 100, {"net_output": "FC"})
+_register("r50v1", 50, {"net_unit": 1})

@@ -1,4 +1,8 @@
-"""Loss heads (spec §6): softmax, the margin-softmax family, ArcFace OLD type 4, triplet/atriplet.
+"""Loss heads: softmax, the margin-softmax family, ArcFace OLD type 4, triplet/atriplet.
+
+Sources: insightface HEAD 7fadd420 ``recognition/arcface_mxnet/train.py`` (``get_symbol``, ``margin_softmax``)
+and ``recognition/arcface_mxnet/sample_config.py`` (``loss.*`` presets); OLD ``src/train_softmax.py``
+(``--loss-type`` 0..5) and ``src/train_triplet.py`` (triplet / atriplet) at 0972924a.
 
 Margin softmax (insightface HEAD ``margin_softmax``, OLD ``--loss-type 5``), with
 W_n = row-L2-normalised ``fc7_weight`` (C, D) and x_n = L2-normalised embedding:
@@ -8,7 +12,9 @@ W_n = row-L2-normalised ``fc7_weight`` (C, D) and x_n = L2-normalised embedding:
     z_j = s \\cos\\theta_j = s\\, x_n \\cdot W_{n,j}, \\qquad
     z_y \\leftarrow s\\,(\\cos(m_1 \\theta_y + m_2) - m_3)
 
-Only the target logit changes; the others stay s·cosθ_j. Presets (:data:`HEAD_PRESETS`):
+Only the target logit changes; the others stay s·cosθ_j. Every head is registered in
+:data:`symbols.registry.HEADS` by one ``@register_head(name, preset=...)`` below; :data:`HEAD_PRESETS` is a live
+view of the registered presets:
 
 | head        | s  | m1  | m2  | m3   | notes |
 |-------------|----|-----|-----|------|-------|
@@ -30,33 +36,38 @@ import math
 
 import mxnet as mx
 
+from .registry import HEADS, PresetsView, register_head
+
 logger = logging.getLogger(__name__)
 
 # Clip of cos(theta) before arccos / sqrt(1 - cos^2): keeps their derivatives finite.
 COS_CLIP_EPS = 1e-7
 # HEAD gives fc7_weight a Normal(0.01) initialiser (OLD: the global Xavier).
 FC7_INIT_SIGMA = 0.01
-# insightface's fc7_bias multipliers (silently ignored by its optimiser, see spec §8.5).
+# insightface's fc7_bias multipliers (ignored by its optimiser, which is built without sym= / param_idx2name:
+# HEAD recognition/arcface_mxnet/train.py ``opt = optimizer.SGD(...)``).
 FC7_BIAS_LR_MULT = 2.0
 FC7_BIAS_WD_MULT = 0.0
 
-MARGIN_HEADS = ("nsoftmax", "arcface", "arcface_v1", "cosface", "sphereface", "combined")
-SOFTMAX_HEADS = ("softmax",) + MARGIN_HEADS
-TRIPLET_HEADS = ("triplet", "atriplet")
-HEADS = SOFTMAX_HEADS + TRIPLET_HEADS
+# name -> config keys the head's preset sets (HEAD sample_config.py ``loss.*``; arcface_v1/sphereface added):
+# a live view of the registry, so a head registered elsewhere appears here too.
+HEAD_PRESETS = PresetsView(HEADS)
 
-# name -> config keys the preset sets (HEAD sample_config.py ``loss.*``; arcface_v1/sphereface added).
-HEAD_PRESETS = {
-    "softmax": {"loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.0, "loss_m3": 0.0},
-    "nsoftmax": {"loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.0, "loss_m3": 0.0},
-    "arcface": {"loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.5, "loss_m3": 0.0},
-    "arcface_v1": {"loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.5, "loss_m3": 0.0, "easy_margin": 0},
-    "cosface": {"loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.0, "loss_m3": 0.35},
-    "sphereface": {"loss_s": 64.0, "loss_m1": 1.5, "loss_m2": 0.0, "loss_m3": 0.0},
-    "combined": {"loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.3, "loss_m3": 0.2},
-    "triplet": {"triplet_alpha": 0.3},
-    "atriplet": {"triplet_alpha": 0.35},
-}
+
+def _heads_where(predicate):
+    return tuple(name for name in HEADS.names() if predicate(HEADS.lookup(name)))
+
+
+def __getattr__(name):
+    """Former tuples of head names, now computed from the registry (``TRIPLET_HEADS``, ``SOFTMAX_HEADS``)."""
+    if name == "TRIPLET_HEADS":
+        return _heads_where(lambda entry: entry.is_triplet)
+    if name == "SOFTMAX_HEADS":
+        return _heads_where(lambda entry: not entry.is_triplet)
+    if name == "MARGIN_HEADS":
+        return _heads_where(lambda entry: not entry.is_triplet and entry.name != "softmax")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # OLD ``--loss-type N`` -> head name and where each head key comes from: a float is a constant, a str names
 # the OLD flag (``margin_s``/``margin_m``/``margin_a``/``margin_b``/``easy_margin``) that supplies it.
@@ -77,14 +88,13 @@ LEGACY_TRIPLET_LOSS_TYPES = {1: "triplet", 2: "atriplet"}
 
 
 def list_heads():
-    """Sorted list of valid ``loss`` names."""
-    return sorted(HEADS)
+    """Sorted list of valid ``loss`` names (the names of :data:`symbols.registry.HEADS`)."""
+    return HEADS.names()
 
 
 def check_head(name):
-    """Raise ValueError listing the valid heads when ``name`` is not one."""
-    if name not in HEADS:
-        raise ValueError(f"unknown loss head {name!r}; valid heads: {list_heads()}")
+    """Raise ValueError listing the valid heads (and the closest one) when ``name`` is not one."""
+    HEADS.lookup(name)
 
 
 def legacy_loss_config(loss_type, margin_s=64.0, margin_m=0.5, margin_a=1.0, margin_b=0.0, easy_margin=0):
@@ -207,21 +217,45 @@ def head_logits(embedding, label, head, num_classes, emb_size, s=64.0, m1=1.0, m
                 fc7_no_bias=False, fc7_lr_mult=1.0, fc7_wd_mult=1.0, dtype="float32"):
     """Classifier logits ``fc7`` (B, C) of a softmax-family head; creates ``fc7_weight`` (C, D).
 
-    ``arcface_v1`` uses m = m2 and requires m1 == 1 and m3 == 0. ``dtype``: float type of the graph.
+    ``head`` is a name of :data:`symbols.registry.HEADS`; its ``logits`` builder receives every margin
+    keyword. ``arcface_v1`` uses m = m2 and requires m1 == 1 and m3 == 0. ``dtype``: float type of the graph.
     """
-    check_head(head)
-    if head in TRIPLET_HEADS:
+    entry = HEADS.lookup(head)
+    if entry.is_triplet:
         raise ValueError(f"head_logits: {head!r} is a triplet head and has no classifier logits")
     weight = fc7_weight_variable(num_classes, emb_size, fc7_lr_mult, fc7_wd_mult)
-    if head == "softmax":
-        return softmax_logits(embedding, num_classes, weight, no_bias=fc7_no_bias)
-    if head == "arcface_v1":
-        if m1 != 1.0 or m3 != 0.0:
-            raise ValueError(f"arcface_v1 takes its margin from loss_m2 only; got loss_m1={m1}, loss_m3={m3} "
-                             "(use loss 'combined' for m1/m3 margins)")
-        return arcface_v1_logits(embedding, label, num_classes, weight, s=s, m=m2, easy_margin=easy_margin,
-                                 dtype=dtype)
+    return entry.logits(embedding, label, num_classes, weight, s=s, m1=m1, m2=m2, m3=m3, easy_margin=easy_margin,
+                        fc7_no_bias=fc7_no_bias, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- the registered heads
+@register_head("softmax", preset={"loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.0, "loss_m3": 0.0})
+def softmax_head(embedding, label, num_classes, weight, fc7_no_bias=False, **_):
+    """Plain FC classifier (OLD ``--loss-type 0``, HEAD ``loss.softmax``)."""
+    return softmax_logits(embedding, num_classes, weight, no_bias=fc7_no_bias)
+
+
+def _margin_head(embedding, label, num_classes, weight, s=64.0, m1=1.0, m2=0.5, m3=0.0, dtype="float32", **_):
     return margin_softmax_logits(embedding, label, num_classes, weight, s=s, m1=m1, m2=m2, m3=m3, dtype=dtype)
+
+
+# HEAD margin_softmax with the preset margins of sample_config.py (sphereface: combined-form substitute of OLD
+# type 1's LSoftmax operator). One decorator per name: the builder is shared.
+register_head("nsoftmax", preset={"loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.0, "loss_m3": 0.0})(_margin_head)
+register_head("arcface", preset={"loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.5, "loss_m3": 0.0})(_margin_head)
+register_head("cosface", preset={"loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.0, "loss_m3": 0.35})(_margin_head)
+register_head("sphereface", preset={"loss_s": 64.0, "loss_m1": 1.5, "loss_m2": 0.0, "loss_m3": 0.0})(_margin_head)
+register_head("combined", preset={"loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.3, "loss_m3": 0.2})(_margin_head)
+
+
+@register_head("arcface_v1", preset={"loss_s": 64.0, "loss_m1": 1.0, "loss_m2": 0.5, "loss_m3": 0.0, "easy_margin": 0})
+def arcface_v1_head(embedding, label, num_classes, weight, s=64.0, m1=1.0, m2=0.5, m3=0.0, easy_margin=0,
+                    dtype="float32", **_):
+    """OLD ``--loss-type 4``: ArcFace with the θ+m>π fallback and easy_margin; the margin is ``loss_m2``."""
+    if m1 != 1.0 or m3 != 0.0:
+        raise ValueError(f"arcface_v1 takes its margin from loss_m2 only; got loss_m1={m1}, loss_m3={m3} "
+                         "(use loss 'combined' for m1/m3 margins)")
+    return arcface_v1_logits(embedding, label, num_classes, weight, s=s, m=m2, easy_margin=easy_margin, dtype=dtype)
 
 
 def ce_loss(logits, label, num_classes, per_batch_size):
@@ -268,3 +302,15 @@ def triplet_loss(embedding, per_batch_size, alpha, angular=False):
         an = mx.sym.sum(mx.sym.square(anchor - negative), axis=1)
     loss = mx.sym.Activation(data=ap - an + alpha, act_type="relu")
     return mx.sym.mean(loss)
+
+
+@register_head("triplet", preset={"triplet_alpha": 0.3}, triplet=True)
+def triplet_head(embedding, per_batch_size, alpha):
+    """Squared-L2 triplet loss (OLD train_triplet ``--loss-type 1``, HEAD ``loss.triplet``)."""
+    return triplet_loss(embedding, per_batch_size, alpha, angular=False)
+
+
+@register_head("atriplet", preset={"triplet_alpha": 0.35}, triplet=True)
+def atriplet_head(embedding, per_batch_size, alpha):
+    """Angular triplet loss (OLD train_triplet ``--loss-type 2``, HEAD ``loss.atriplet``)."""
+    return triplet_loss(embedding, per_batch_size, alpha, angular=True)
