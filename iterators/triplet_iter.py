@@ -1,4 +1,7 @@
-"""``TripletFaceImageIter``: insightface's online triplet-mining iterator (spec §4).
+"""``TripletFaceImageIter``: insightface's online triplet-mining iterator.
+
+Behaviour follows insightface's ``FaceImageIter`` in triplet mode (``recognition/arcface_mxnet/
+triplet_image_iter.py``: ``triplet_reset``, ``select_triplets``, ``pick_triplets``, ``next``).
 
 At every ``reset()`` (so at the first ``next()`` and after every epoch) the iterator
 
@@ -9,11 +12,12 @@ At every ``reset()`` (so at the first ``next()`` and after every epoch) the iter
 3. mines FaceNet semi-hard triplets with :func:`iterators.triplet_mining.pick_triplets`;
 4. lays the triplets out so that every device slice of ``per_batch_size = batch_size / ctx_num``
    images is ``[T anchors | T positives | T negatives]`` with ``T = per_batch_size // 3``, the layout
-   the ``triplet``/``atriplet`` loss slices (spec §4.6, §6.7);
+   the ``triplet``/``atriplet`` loss slices (insightface ``recognition/arcface_mxnet/train.py``
+   ``get_symbol``, triplet branch);
 
 and repeats 1-4 until at least two global batches are queued (upstream's ``seq_min_size``).
 ``next()`` then decodes the queued images (``rand_mirror``: flip with p = 1/2; ``cutoff`` > 0: a square
-of that side filled with 127.5 on EVERY image, as upstream's triplet mode does, spec §4.5).
+of that side filled with 127.5 on EVERY image, as upstream's triplet ``next`` does).
 
 Deliberate differences from upstream: per-device batch not divisible by 3, ``bag_size`` not a
 multiple of the global batch, ``images_per_identity < 2``, a rec without identity records, or a
@@ -22,8 +26,10 @@ the slices, crashes or asserts); identities are shuffled as lists (upstream's
 ``random.shuffle(range(...))`` fails on Python 3); when the model separates the data so well that
 a whole pass over the pool does not yield two batches, the iterator continues with what it has
 (one batch at least, with a warning) or raises ``NoTripletsError`` instead of mining forever. Every
-random decision comes from one ``numpy.random.Generator`` seeded by ``seed``.
+random decision comes from one ``numpy.random.Generator`` seeded by ``seed``. ``state_dict()`` /
+``load_state_dict()`` resume mid-epoch without decoding, embedding or mining anything.
 """
+import zlib
 import logging
 import os
 import time
@@ -34,7 +40,8 @@ import numpy as np
 from iterators import augment
 from iterators.formats.recordio import FaceRecordReader
 from iterators.triplet_mining import pick_triplets
-from iterators.workers import DecodeWorkersMixin
+from iterators.workers import (STATE_VERSION, DecodeWorkersMixin, check_state_config, check_state_header, jsonable,
+                               rng_state_to_json, set_rng_state)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +80,7 @@ def run_lengths(labels):
 
 
 class TripletFaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
-    """Triplet batches mined online with the weights of the Module being trained (spec §4).
+    """Triplet batches mined online with the weights of the Module being trained.
 
     Parameters
     ----------
@@ -109,8 +116,11 @@ class TripletFaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
     Attributes
     ----------
     bag_stats : list of dict
-        One record per mined bag: ``images``, ``identities``, ``pairs`` (within-identity (a, p) pairs),
-        ``triplets``, ``embed_seconds``, ``mine_seconds``.
+        One JSON-serialisable dict per mined bag, appended when the bag is mined: ``round`` (the mining
+        round, i.e. the epoch: number of ``reset()`` calls - 1), ``bag`` (bags mined before it by this
+        iterator's run, counting those before a loaded state), ``images``, ``identities``, ``pairs``
+        (within-identity (a, p) pairs), ``triplets``, ``embed_seconds``, ``mine_seconds``. After
+        ``load_state_dict`` it holds the saved round's bags.
     seq : list of int
         Record ids queued for the current epoch (consecutive chunks of ``per_batch_size`` are
         ``[anchors | positives | negatives]``).
@@ -196,7 +206,10 @@ class TripletFaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
         self.data_name, self.label_name = data_name, label_name
         self.provide_data = [mx.io.DataDesc(data_name, (self.batch_size,) + data_shape)]
         self.provide_label = [mx.io.DataDesc(label_name, (self.batch_size,))]
-        self._rng = np.random.default_rng(seed)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise ValueError(f"TripletFaceImageIter: seed must be an integer or None, got {seed!r}")
+        self._seed = None if seed is None else int(seed)
+        self._rng = np.random.default_rng(self._seed)
         self.num_workers = int(num_workers)
         self._start_workers(self.num_workers, "TripletIter")
         self.triplet_seq = []
@@ -204,12 +217,16 @@ class TripletFaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
         self.seq = []
         self.cur = 0
         self.bag_stats = []
+        self._epoch = -1  # mining rounds started (reset() calls) - 1
+        self._bags_mined = 0
         self.is_init = False
-        self.triplet_reset()
+        self._pool_rng_state = None
+        self.triplet_reset()  # the pool only (no decoding, no embedding): the first bag is mined at the first next()
 
     # ------------------------------------------------------------------ pool and mining
     def triplet_reset(self):
         """Rebuild the pool: identities in random order, each with <= images_per_identity random images."""
+        self._pool_rng_state = rng_state_to_json(self._rng)  # lets load_state_dict rebuild this pool
         ids = list(self.id2range)
         if self.shuffle:
             ids = [ids[i] for i in self._rng.permutation(len(ids))]
@@ -290,10 +307,11 @@ class TripletFaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
                 for role in range(3):
                     seq.extend(bag[t[role]] for t in chunk)
             bags += 1
-            stats = {"images": len(bag), "identities": len(sizes), "pairs": sum(n * (n - 1) // 2 for n in sizes),
+            stats = {"round": int(self._epoch), "bag": int(self._bags_mined), "images": len(bag), "identities": len(sizes), "pairs": sum(n * (n - 1) // 2 for n in sizes),
                      "triplets": len(triplets), "embed_seconds": round(embed_seconds, 4),
                      "mine_seconds": round(mine_seconds, 4)}
-            self.bag_stats.append(stats)
+            self._bags_mined += 1
+            self.bag_stats.append(jsonable(stats))
             logger.info("found triplets %d (of %d pairs, %d identities); triplet time stat: embed %.3fs mine %.3fs; "
                         "seq len %d", stats["triplets"], stats["pairs"], stats["identities"], embed_seconds,
                         mine_seconds, len(seq))
@@ -303,6 +321,8 @@ class TripletFaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
     # ------------------------------------------------------------------ DataIter contract
     def reset(self):
         """Re-mine with the current weights and restart the epoch."""
+        self._epoch += 1
+        self._round_start = len(self.bag_stats)
         self.select_triplets()
         self.cur = 0
         self.is_init = True
@@ -329,6 +349,83 @@ class TripletFaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
     def num_batches(self):
         """Batches in the current epoch (``len(seq) // batch_size``)."""
         return len(self.seq) // self.batch_size
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self):
+        """Where the iterator stands, as a JSON-serialisable dict (plain ints, floats, bools, lists, str).
+
+        Captures the epoch (mining rounds = ``reset()`` calls, - 1), the cursor (batches returned by
+        ``next()`` in this epoch), the current round's layout ``seq`` (the mined triplets as record ids),
+        the pool (as the generator state it was drawn from, plus its position ``triplet_cur`` and a
+        checksum), the generator state that draws the next augmentation / pool / triplet choices, the
+        stats of the current round's bags, and the construction fields that must match on load. Its size is
+        O(len(seq)), independent of the cursor and of the dataset size.
+        """
+        return {
+            "type": "TripletFaceImageIter",
+            "version": STATE_VERSION,
+            "config": self._state_config(),
+            "seed": self._seed,
+            "epoch": int(self._epoch),
+            "is_init": bool(self.is_init),
+            "cursor": int(self.cur // self.batch_size),
+            "seq": [int(r) for r in self.seq],
+            "rng_state": rng_state_to_json(self._rng),
+            "pool_rng_state": jsonable(self._pool_rng_state),
+            "pool_crc32": _crc32(self.triplet_seq),
+            "triplet_cur": int(self.triplet_cur),
+            "bags_mined": int(self._bags_mined),
+            "round_bag_stats": jsonable(self.bag_stats[getattr(self, "_round_start", 0):] if self.is_init else []),
+        }
+
+    def load_state_dict(self, state):
+        """Continue from ``state`` (from :meth:`state_dict` of an iterator built with the same arguments).
+
+        Restores the round's triplet layout, the pool and the generator without decoding, embedding or
+        mining anything: the following ``next()`` calls return, bitwise, the batches the saved iterator
+        would have returned next; a later ``reset()`` mines the next bag(s) with the weights ``mx_model``
+        has at that time, as the saved iterator would have. If the state was saved before the first
+        ``next()``, the first ``next()`` mines (as on a fresh iterator). Do not call ``reset()`` after
+        loading to "start" the epoch: it would mine a new round.
+
+        An iterator built with ``seed=None`` accepts any saved seed; an explicit different seed, another
+        ``.rec``, batch size, device count, bag size, alpha or augmentation setting raises ``ValueError``
+        naming the field.
+        """
+        check_state_header("TripletFaceImageIter", state, STATE_VERSION)
+        check_state_config("TripletFaceImageIter", state["config"], self._state_config())
+        if self._seed is not None and state["seed"] is not None and int(state["seed"]) != self._seed:
+            raise ValueError(f"TripletFaceImageIter.load_state_dict: seed mismatch: the state was saved with "
+                             f"seed={state['seed']} but this iterator has seed={self._seed}; build it with the "
+                             "seed of the saved run (or seed=None)")
+        seq = [int(r) for r in state["seq"]]
+        cursor, triplet_cur = int(state["cursor"]), int(state["triplet_cur"])
+        if not 0 <= cursor <= len(seq) // self.batch_size or not 0 <= triplet_cur <= self.pool_size:
+            raise ValueError(f"TripletFaceImageIter.load_state_dict: cursor {cursor} / triplet_cur {triplet_cur} out "
+                             f"of range (seq of {len(seq)} images, pool of {self.pool_size})")
+        # The pool: redraw it from the generator state it was drawn from (no decoding), check it.
+        set_rng_state(self._rng, state["pool_rng_state"])
+        self.triplet_reset()
+        if _crc32(self.triplet_seq) != int(state["pool_crc32"]):
+            raise ValueError("TripletFaceImageIter.load_state_dict: the triplet pool rebuilt from the state differs "
+                             f"from the saved one (checksum); {self.path_imgrec} or the pool settings changed")
+        self.triplet_cur = triplet_cur
+        set_rng_state(self._rng, state["rng_state"])
+        self.seq = seq
+        self.cur = cursor * self.batch_size
+        self._epoch = int(state["epoch"])
+        self.is_init = bool(state["is_init"])
+        self._bags_mined = int(state["bags_mined"])
+        self.bag_stats = [dict(s) for s in state["round_bag_stats"]]
+        self._round_start = 0
+
+    def _state_config(self):
+        return {"num_records": len(self.reader.keys), "num_images": self.reader.num_images,
+                "identities": len(self.id2range), "pool_size": self.pool_size, "batch_size": self.batch_size,
+                "ctx_num": self.ctx_num, "data_shape": list(self.data_shape), "shuffle": self.shuffle,
+                "rand_mirror": self.rand_mirror, "cutoff": self.cutoff,
+                "images_per_identity": self.images_per_identity, "bag_size": self.bag_size, "alpha": self.alpha,
+                "max_ap": self.max_ap}
 
     # ------------------------------------------------------------------ decoding
     def _decode_batch(self, ids, params):
@@ -357,6 +454,10 @@ class TripletFaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
         if centre is not None:
             img = augment.apply_cutoff(img.astype(np.float32), self.cutoff, centre, TRIPLET_CUTOFF_FILL)
         augment.to_chw_float(img, out)
+
+
+def _crc32(record_ids):
+    return int(zlib.crc32(np.asarray(record_ids, dtype=np.int64).tobytes()))
 
 
 __all__ = ["TripletFaceImageIter", "NoTripletsError", "l2_normalize_rows", "run_lengths"]

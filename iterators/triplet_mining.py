@@ -1,6 +1,6 @@
-"""FaceNet semi-hard triplet selection for insightface's triplet training (spec §4.4).
+"""FaceNet semi-hard triplet selection for insightface's triplet training.
 
-insightface's ``TripletFaceImageIter.pick_triplets`` walks every (anchor, positive) pair of every
+insightface's ``FaceImageIter.pick_triplets`` (``recognition/arcface_mxnet/triplet_image_iter.py``) walks every (anchor, positive) pair of every
 class in Python and, for each pair, scans a full row of squared distances for semi-hard negatives.
 The functions here apply exactly the same rule with numpy on chunks of many pairs at once:
 
@@ -15,7 +15,7 @@ The functions here apply exactly the same rule with numpy on chunks of many pair
   among its candidates; the final list is shuffled.
 
 Unlike upstream, the inputs are never modified: upstream aliases a row of its distance matrix
-(``neg_dists_sqr = pdists[a_idx]``) and writes NaN into it in place (spec §4.4, §13); here the
+(``neg_dists_sqr = pdists[a_idx]``) and writes NaN into it in place (``pick_triplets``); here the
 own-class entries are set to +inf in a private distance matrix instead.
 
 How (per chunk of pairs, no Python loop over pairs or negatives):
@@ -50,13 +50,40 @@ CHUNK_ELEMENTS = 2 ** 22
 REJECTION_DRAWS = 32
 
 
+class _RandomStateDraws:
+    """The two ``Generator`` draws pick_triplets makes, taken from a legacy ``np.random.RandomState``.
+
+    ``integers(0, high, size)`` is ``randint(0, high, size)`` (``high`` may be an array) and ``permutation``
+    is ``RandomState.permutation``; the RandomState advances as scikit-learn's ``check_random_state`` users
+    expect (equal seeds give equal triplets).
+    """
+
+    def __init__(self, random_state):
+        self.random_state = random_state
+
+    def integers(self, low, high, size=None):
+        return self.random_state.randint(low, high, size=size, dtype=np.int64)
+
+    def permutation(self, n):
+        return self.random_state.permutation(n)
+
+
 def _as_rng(rng):
-    """Return a ``np.random.Generator`` from a Generator, an int seed or None (fresh entropy)."""
+    """What scikit-learn's ``check_random_state`` accepts (None, an int seed, a ``RandomState``) plus a
+    ``np.random.Generator``, as an object with ``integers`` and ``permutation``.
+
+    None draws fresh entropy and an int seeds ``np.random.default_rng`` (a Generator), so ``rng=42`` and
+    ``rng=np.random.default_rng(42)`` give the same triplets; a ``RandomState`` is used as given (its own
+    stream: ``RandomState(42)`` gives other triplets than ``default_rng(42)``, equal ones for equal seeds).
+    """
     if isinstance(rng, np.random.Generator):
         return rng
+    if isinstance(rng, np.random.RandomState):
+        return _RandomStateDraws(rng)
     if rng is None or isinstance(rng, (int, np.integer)):
         return np.random.default_rng(rng)
-    raise TypeError(f"pick_triplets: rng must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
+    raise TypeError(f"pick_triplets: rng must be None, an int seed, a numpy RandomState or a numpy Generator, "
+                    f"got {type(rng).__name__}")
 
 
 def _check_inputs(embeddings, nrof_images_per_class, alpha, max_ap):
@@ -304,9 +331,10 @@ def pick_triplets(embeddings, nrof_images_per_class, alpha, max_ap=0.0, rng=None
         ``||a-n||^2 - ||a-p||^2 < alpha`` and ``||a-p||^2 < ||a-n||^2``, ``n`` outside the class.
     max_ap : float, default 0.0
         When > 0, pairs with ``||a-p||^2 > max_ap`` are skipped.
-    rng : numpy.random.Generator, int or None
+    rng : None, int, numpy.random.RandomState or numpy.random.Generator
         Source of the uniform choice among candidates and of the final shuffle; an int seeds a
-        new generator (same seed -> same triplets), None draws fresh entropy.
+        new ``default_rng`` Generator (same seed -> same triplets), None draws fresh entropy, a
+        RandomState or Generator is drawn from (and advanced) as given.
 
     Returns
     -------

@@ -232,3 +232,35 @@ def test_bad_input_raises(kwargs, match):
 def test_bad_rng_type():
     with pytest.raises(TypeError, match="rng"):
         pick_triplets(np.zeros((2, 2)), [2], 0.3, rng="seed")
+
+
+def test_rng_accepts_what_check_random_state_accepts_plus_generator():
+    """rng: None, int, np.random.RandomState (scikit-learn's check_random_state) or np.random.Generator."""
+    rng = np.random.default_rng(4)
+    sizes = [5] * 10
+    emb = clustered(rng, sizes, 4, 1.5)
+    pairs = {k for k, v in brute_force_candidates(emb, sizes, 1.0).items() if v}
+    candidates = brute_force_candidates(emb, sizes, 1.0)
+    runs = {
+        "None": (lambda: None, lambda: None),
+        "int": (lambda: 7, lambda: np.int64(7)),
+        "RandomState": (lambda: np.random.RandomState(7), lambda: np.random.RandomState(7)),
+        "Generator": (lambda: np.random.default_rng(7), lambda: np.random.default_rng(7)),
+    }
+    results = {}
+    for name, (make_a, make_b) in runs.items():
+        first = pick_triplets(emb, sizes, 1.0, rng=make_a())
+        second = pick_triplets(emb, sizes, 1.0, rng=make_b())
+        for triplets in (first, second):  # always a valid selection: one triplet per pair with candidates
+            assert {t[:2] for t in triplets} == pairs
+            assert all(n in candidates[(a, p)] for a, p, n in triplets)
+        if name != "None":
+            assert first == second, f"equal {name} seeds gave different triplets"
+        results[name] = first
+    assert results["int"] == results["Generator"]  # an int seeds default_rng
+    assert results["RandomState"] != results["Generator"]  # its own stream
+    assert pick_triplets(emb, sizes, 1.0, rng=np.random.RandomState(8)) != results["RandomState"]
+    # A RandomState is advanced, as scikit-learn's users expect: two calls on one state differ.
+    state = np.random.RandomState(7)
+    assert pick_triplets(emb, sizes, 1.0, rng=state) == results["RandomState"]
+    assert pick_triplets(emb, sizes, 1.0, rng=state) != results["RandomState"]
