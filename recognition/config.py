@@ -17,6 +17,10 @@ API (the triplet trainer codes against it)
   < ``--set key=value`` < flags.
   ``--resume RUN_DIR`` starts from the run's saved ``config.json`` instead, then applies the flags.
 
+Names: ``network``, ``loss`` and ``net_output`` are validated against the symbols registries
+(``symbols.registry.NETWORKS``, ``HEADS``, ``FC_TYPES``) and ``--help`` lists their names, so a network or head
+registered with one decorator is accepted here without any edit (:func:`valid_names`).
+
 Derived values (global batch, ``num_classes`` from ``property``, run directory, checkpoint prefix) are
 computed once by :func:`resolve_run_config` and never by mutating the parsed flags later.
 """
@@ -39,15 +43,31 @@ CONFIG_FILE_NAME = "config.json"  # resolved config saved in every run directory
 
 CKPT_MODES = {0: "none", 1: "best", 2: "always", 3: "best_overwrite"}  # insightface --ckpt meanings
 KVSTORES = ("device", "local", "dist_sync", "dist_device_sync", "dist_async")
-LOSSES = ("softmax", "nsoftmax", "arcface", "arcface_v1", "cosface", "sphereface", "combined", "triplet",
-          "atriplet")
-NET_OUTPUTS = ("E", "GDC", "F", "G", "H", "I", "J", "Z", "FC", "A", "B", "C", "D", "X")
 _CTX_RE = re.compile(r"^cpu(:[1-9][0-9]*)?$")
 _GPUS_RE = re.compile(r"^[0-9]+(,[0-9]+)*$")
 
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used (the message names it and the fix)."""
+
+
+def _registries():
+    """``{config key: registry}`` for the keys whose valid values are registered names (symbols.registry)."""
+    from symbols.registry import FC_TYPES, HEADS, NETWORKS
+    return {"network": NETWORKS, "loss": HEADS, "net_output": FC_TYPES}
+
+
+def valid_names(key):
+    """Sorted registered names a config key accepts: ``network``, ``loss`` or ``net_output``."""
+    return _registries()[key].names()
+
+
+def __getattr__(name):
+    """Former name tuples, now read from the symbols registries (``LOSSES``, ``NET_OUTPUTS``, ``NETWORKS``)."""
+    keys = {"LOSSES": "loss", "NET_OUTPUTS": "net_output", "NETWORKS": "network"}
+    if name in keys:
+        return tuple(valid_names(keys[name]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _base_config():
@@ -167,10 +187,10 @@ def validate(cfg):
         bad("ckpt", f"must be one of {sorted(CKPT_MODES)} ({', '.join(f'{k}={v}' for k, v in CKPT_MODES.items())})")
     if cfg.kvstore not in KVSTORES:
         bad("kvstore", f"must be one of {', '.join(KVSTORES)}")
-    if cfg.loss not in LOSSES:
-        bad("loss", f"must be one of {', '.join(LOSSES)}{_suggest(cfg.loss, LOSSES)}")
-    if cfg.net_output not in NET_OUTPUTS:
-        bad("net_output", f"must be one of {', '.join(NET_OUTPUTS)}")
+    for key, registry in _registries().items():
+        if cfg[key] not in registry:
+            names = registry.names()
+            bad(key, f"must be one of {', '.join(names)}{_suggest(cfg[key], names)}")
     for key in ("per_batch_size", "emb_size", "frequent", "verbose", "end_epoch"):
         if cfg[key] <= 0:
             bad(key, "must be a positive integer")
@@ -198,7 +218,7 @@ def validate(cfg):
         bad("ctx", "give either --gpus or --ctx, not both")
     if cfg.pretrained and cfg.pretrained.count(",") > 1:
         bad("pretrained", "must be 'prefix' or 'prefix,epoch'")
-    if cfg.loss in ("triplet", "atriplet") and cfg.per_batch_size % 3:
+    if _registries()["loss"].lookup(cfg.loss).is_triplet and cfg.per_batch_size % 3:
         bad("per_batch_size", "triplet batches are [anchors|positives|negatives]: must be divisible by 3")
     return cfg
 
@@ -320,18 +340,18 @@ def build_arg_parser(description="Train a face-recognition network (insightface 
     add(g, "--seed", "seed", int)
 
     g = p.add_argument_group("network")
-    add(g, "--network", "network", help_="r18 r34 r50 r100 r152 y1 y2 ...")
+    add(g, "--network", "network", help_=" ".join(valid_names("network")))
     add(g, "--emb-size", "emb_size", int)
     add(g, "--version-se", "net_se", int)
     add(g, "--version-input", "net_input", int)
-    add(g, "--version-output", "net_output")
+    add(g, "--version-output", "net_output", help_="embedding head (fc type): " + " ".join(valid_names("net_output")))
     add(g, "--version-unit", "net_unit", int)
     add(g, "--version-act", "net_act")
     add(g, "--version-multiplier", "net_multiplier", float)
     add(g, "--bn-mom", "bn_mom", float)
 
     g = p.add_argument_group("head")
-    add(g, "--loss", "loss", help_=" ".join(LOSSES))
+    add(g, "--loss", "loss", help_=" ".join(valid_names("loss")))
     add(g, "--loss-type", "loss_type", _legacy_loss, "insightface OLD integer loss type (mapped to --loss)")
     add(g, "--margin-s", "loss_s", float)
     add(g, "--margin-m", "loss_m2", float, "additive angular margin m2")
