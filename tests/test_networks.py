@@ -1,5 +1,6 @@
 """Backbones and embedding heads: registry, shapes, insightface parameter names/shapes, initialiser."""
 import json
+import re
 
 import mxnet as mx
 import numpy as np
@@ -17,9 +18,10 @@ def arg_aux_shapes(sym, data_shape=DATA):
     return args, dict(zip(sym.list_auxiliary_states(), aux_shapes)), out_shapes
 
 
-# ----------------------------------------------------------------------------- expected tables from spec rules
+# ----------------------------------------------------------------------------- expected tables from upstream
 class Table:
-    """Expected insightface argument/aux names and shapes, written from spec §5 (not from the builders)."""
+    """Expected insightface argument/aux names and shapes, written from insightface's fresnet/fmobilefacenet/
+    symbol_utils.get_fc1 (HEAD 7fadd420 recognition/arcface_mxnet/symbol/), not from the builders."""
 
     def __init__(self):
         self.args, self.aux = {}, {}
@@ -69,7 +71,7 @@ def fresnet_table(units, filters, emb):
 
 
 def mobilefacenet_table(blocks, emb):
-    """MobileFaceNet (spec §5.4) with the GDC head."""
+    """MobileFaceNet (HEAD recognition/arcface_mxnet/symbol/fmobilefacenet.py::get_symbol) with the GDC head."""
     t = Table()
 
     def conv_block(name, cout, cin_per_group, k, act=True):
@@ -264,3 +266,74 @@ def test_initializer_xavier_gaussian_out_and_init_attrs():
     w = args["stage3_unit1_conv2_weight"].asnumpy()
     assert w.std() == pytest.approx(np.sqrt(2.0 / (64 * 9)), rel=0.05)
     assert np.all(args["pre_fc1_bias"].asnumpy() == 0.0)
+
+
+# ----------------------------------------------------------------------------- residual unit layer attributes
+# Written from insightface HEAD 7fadd420 recognition/arcface_mxnet/symbol/fresnet.py (same in OLD
+# src/symbols/fresnet.py): (kernel, stride, pad) of each conv of a stage's FIRST unit (stride 2, projection
+# shortcut). residual_unit dispatches net_unit 1 to residual_unit_v1 when net_input == 0, else to
+# residual_unit_v1_L; 2 to residual_unit_v2; 3 to residual_unit_v3.
+K1, K3, S1, S2, P0, P1 = (1, 1), (3, 3), (1, 1), (2, 2), (0, 0), (1, 1)
+UNIT_CONVS = {
+    # residual_unit_v1: the first conv carries the stride
+    ("v1", False): {"conv1": (K3, S2, P1), "conv2": (K3, S1, P1), "conv1sc": (K1, S2, P0)},
+    ("v1", True): {"conv1": (K1, S2, P0), "conv2": (K3, S1, P1), "conv3": (K1, S1, P0), "conv1sc": (K1, S2, P0)},
+    # residual_unit_v1_L: the last conv carries it (basic: conv2; bottleneck: the 1x1 conv3, NOT the 3x3 conv2)
+    ("v1_L", False): {"conv1": (K3, S1, P1), "conv2": (K3, S2, P1), "conv1sc": (K1, S2, P0)},
+    ("v1_L", True): {"conv1": (K1, S1, P0), "conv2": (K3, S1, P1), "conv3": (K1, S2, P0), "conv1sc": (K1, S2, P0)},
+    # residual_unit_v2: basic conv1, bottleneck the 3x3 conv2; the shortcut conv is named _sc (no BN)
+    ("v2", False): {"conv1": (K3, S2, P1), "conv2": (K3, S1, P1), "sc": (K1, S2, P0)},
+    ("v2", True): {"conv1": (K1, S1, P0), "conv2": (K3, S2, P1), "conv3": (K1, S1, P0), "sc": (K1, S2, P0)},
+    # residual_unit_v3 (IR): basic conv2, bottleneck conv3
+    ("v3", False): {"conv1": (K3, S1, P1), "conv2": (K3, S2, P1), "conv1sc": (K1, S2, P0)},
+    ("v3", True): {"conv1": (K1, S1, P0), "conv2": (K3, S1, P1), "conv3": (K1, S2, P0), "conv1sc": (K1, S2, P0)},
+}
+UNIT_VERSION = {(1, 0): "v1", (1, 1): "v1_L", (1, 2): "v1_L", (2, 0): "v2", (2, 1): "v2", (3, 0): "v3", (3, 1): "v3",
+                (3, 2): "v3"}
+
+
+def _tuple_attr(attrs, key, default):
+    text = attrs.get(key)
+    if text is None:
+        return default
+    return tuple(int(v) for v in text.strip("()[] ").split(",") if v.strip())
+
+
+def unit_convs(sym, unit):
+    """{conv suffix: (kernel, stride, pad)} of the Convolution nodes of ``unit``, read from the symbol JSON."""
+    pattern = re.compile(rf"^{unit}_(conv\d|conv1sc|sc)$")
+    out = {}
+    for node in json.loads(sym.tojson())["nodes"]:
+        match = pattern.match(node["name"])
+        if node["op"] == "Convolution" and match:
+            attrs = node.get("attrs", {})
+            out[match.group(1)] = (_tuple_attr(attrs, "kernel", None), _tuple_attr(attrs, "stride", S1),
+                                   _tuple_attr(attrs, "pad", P0))
+    return out
+
+
+@pytest.mark.parametrize("bottleneck", [False, True], ids=["basic", "bottleneck"])
+@pytest.mark.parametrize("net_unit,net_input", sorted(UNIT_VERSION))
+def test_residual_unit_conv_attributes_match_upstream(net_unit, net_input, bottleneck):
+    """Kernel/stride/pad of every conv of every unit version: shapes cannot tell where the stride is."""
+    version = UNIT_VERSION[(net_unit, net_input)]
+    options = {"net_unit": net_unit, "net_input": net_input, "net_multiplier": 0.125}
+    if bottleneck:
+        options["net_bottleneck_from"] = 18
+    sym = symbols.get_embedding("r18", emb_size=8, **options)
+    for stage in (1, 2, 3, 4):
+        assert unit_convs(sym, f"stage{stage}_unit1") == UNIT_CONVS[(version, bottleneck)], (version, stage)
+        # the second unit of a stage: stride 1 everywhere, identity shortcut
+        expected = {name: (k, S1, p) for name, (k, _, p) in UNIT_CONVS[(version, bottleneck)].items()
+                    if name not in ("conv1sc", "sc")}
+        assert unit_convs(sym, f"stage{stage}_unit2") == expected, (version, stage)
+    # the stage still halves the map (112 -> 7 with the 3x3/1 stem; 7x7/2 stem: 56 -> 4)
+    internals = sym.get_internals()
+    _, out, _ = internals[f"stage4_unit2_conv{3 if bottleneck else 2}_output"].infer_shape(data=(1, 3, 112, 112))
+    assert out[0][2:] == ((4, 4) if net_input == 0 else (7, 7))
+
+
+def test_unit_4_is_refused_with_the_upstream_reason():
+    """insightface's residual_unit sends version_unit 4 to residual_unit_v4, which it never defines."""
+    with pytest.raises(ValueError, match="residual_unit_v4"):
+        symbols.get_embedding("r18", emb_size=8, net_unit=4, net_multiplier=0.125)
