@@ -47,7 +47,7 @@ def test_python2_pack_needs_encoding_bytes(tmp_path):
     assert got_bins == bins
     assert issame == [True, False]
     from eval.verification import load_bin  # and it decodes into insightface's tensors
-    data_list, issame = load_bin(str(path), (8, 8), nfolds=None)
+    data_list, issame = load_bin(str(path), (8, 8))
     assert issame == [True, False] and data_list[0].shape == (4, 3, 8, 8)
     rgb = cv2.imdecode(np.frombuffer(bins[2], np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
     np.testing.assert_allclose(data_list[0][2].asnumpy().transpose(1, 2, 0), rgb, atol=2)  # libjpeg builds

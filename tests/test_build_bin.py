@@ -48,7 +48,7 @@ def test_lfw_pairs_txt_keeps_file_bytes_and_order(tmp_path):
                 "Ann_A/Ann_A_0001", "Cid_C/Cid_C_0002", "Bob_B/Bob_B_0002", "Cid_C/Cid_C_0001"]
     for b, rel in zip(bins, expected):
         assert b == (tmp_path / (rel + ".png")).read_bytes()
-    data_list, _ = load_bin(str(out), (16, 20), nfolds=2)
+    data_list, _ = load_bin(str(out), (16, 20))
     assert data_list[0].shape == (8, 3, 16, 20)
 
 

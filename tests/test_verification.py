@@ -290,21 +290,67 @@ def test_load_bin_resizes_like_upstream_and_refuses_wrong_aspect(tmp_path):
         ver.load_bin(str(tmp_path / "wide.bin"), (12, 12))
 
 
-def test_load_bin_refuses_undecodable_image_and_bad_folds(tmp_path):
+def test_load_bin_refuses_undecodable_image(tmp_path):
     rng = np.random.default_rng(2)
     bins = [_png(im) for im in _rgb_images(rng, 20)]
     bins[7] = b"not an image"
     write_bin(tmp_path / "bad.bin", bins, [True] * 10)
     with pytest.raises(PackFormatError, match=r"image 7 \(pair 3\) cannot be decoded"):
         ver.load_bin(str(tmp_path / "bad.bin"), (12, 12))
-    good = [_png(im) for im in _rgb_images(rng, 22)]
-    write_bin(tmp_path / "eleven.bin", good, [True] * 11)
-    with pytest.raises(PackFormatError, match="11 pairs is not divisible into 10 equal folds"):
-        ver.load_bin(str(tmp_path / "eleven.bin"), (12, 12))
-    assert len(ver.load_bin(str(tmp_path / "eleven.bin"), (12, 12), nfolds=None)[1]) == 11
-    write_bin(tmp_path / "four.bin", good[:8], [True] * 4)
-    with pytest.raises(PackFormatError, match="4 pairs cannot be split into 10 folds"):
-        ver.load_bin(str(tmp_path / "four.bin"), (12, 12))
+
+
+@pytest.mark.parametrize("n_pairs", [11, 4, 7, 23, 1])
+def test_load_bin_loads_any_pair_count(tmp_path, n_pairs):
+    # insightface's load_bin never looks at the pair count; folds are the evaluation's business
+    rng = np.random.default_rng(n_pairs)
+    imgs = _rgb_images(rng, 2 * n_pairs)
+    issame = [bool(k % 3) for k in range(n_pairs)]
+    path = tmp_path / f"p{n_pairs}.bin"
+    write_bin(path, [_png(im) for im in imgs], issame)
+    data_set = ver.load_bin(str(path), (12, 12))
+    data_list, got = data_set
+    assert got == issame and data_list[0].shape == data_list[1].shape == (2 * n_pairs, 3, 12, 12)
+    assert data_set[0] is data_list and len(data_set) == 2 and data_set.path == str(path)
+    np.testing.assert_array_equal(data_list[0].asnumpy(), np.stack(imgs).transpose(0, 3, 1, 2))
+
+
+# ------------------------------------------------------------------------------- uneven folds
+
+
+def test_folds_equal_sklearn_kfold_and_lfold():
+    for n, k in [(600, 10), (23, 10), (7, 5), (10, 10), (7, 1)]:
+        ours = ver.kfold(n, k)
+        theirs = ref_splits(n, k)
+        assert len(ours) == len(theirs) == k
+        for (a_train, a_test), (b_train, b_test) in zip(ours, theirs):
+            np.testing.assert_array_equal(a_train, b_train)
+            np.testing.assert_array_equal(a_test, b_test)
+
+
+def test_uneven_folds_evaluate_as_upstream_and_warn(caplog):
+    rng = np.random.default_rng(11)
+    emb, issame = _embeddings(rng, 23)
+    with caplog.at_level("WARNING", logger="eval.protocol"):
+        ours = ver.evaluate(emb, issame, nrof_folds=10)
+    _assert_same(ours, ref_evaluate(emb, issame, nrof_folds=10))
+    uneven = [r for r in caplog.records if "uneven folds" in r.getMessage()]
+    assert len(uneven) == 1, caplog.text  # one warning per evaluate (ROC and VAL share the folds)
+    assert "23 pairs in 10 folds" in uneven[0].getMessage() and "first 3 hold 3 pairs" in uneven[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="eval.protocol"):
+        ver.evaluate(*_embeddings(rng, 30), nrof_folds=10)
+    assert "uneven" not in caplog.text
+
+
+def test_fewer_pairs_than_folds_raise_like_kfold():
+    with pytest.raises(ValueError, match="greater than the number of samples"):  # what upstream's KFold does
+        ref_splits(7, 10)
+    emb, issame = _embeddings(np.random.default_rng(12), 7)
+    with pytest.raises(ver.FoldError, match=r"7 pairs cannot be split into 10 folds.*at most 7 folds"):
+        ver.evaluate(emb, issame, nrof_folds=10)
+    assert issubclass(ver.FoldError, ValueError)
+    _assert_same(ver.evaluate(emb, issame, nrof_folds=7), ref_evaluate(emb, issame, nrof_folds=7))
+    _assert_same(ver.evaluate(emb, issame, nrof_folds=1), ref_evaluate(emb, issame, nrof_folds=1))
 
 
 # -------------------------------------------------------------------------------------- test()
@@ -360,6 +406,92 @@ def test_test_sees_updated_weights():
     after = ver.test(data_set, mod, 8).embeddings_list[0]
     assert not np.allclose(before, after)
     np.testing.assert_allclose(after, _numpy_embeddings(mod, data), rtol=1e-4, atol=1e-2)
+
+
+def _pack_on_disk(tmp_path, n_pairs, hw=4, seed=0):
+    """A pack of ``n_pairs`` random 4x4 PNG pairs, loaded back with load_bin."""
+    rng = np.random.default_rng(seed)
+    imgs = _rgb_images(rng, 2 * n_pairs, size=(hw, hw))
+    path = tmp_path / f"pairs{n_pairs}.bin"
+    write_bin(path, [_png(im) for im in imgs], [bool(k % 2) for k in range(n_pairs)])
+    return ver.load_bin(str(path), (hw, hw)), str(path)
+
+
+def _ref_test(mod, data_set, nfolds):
+    """insightface's test() in numpy: flip sum, normalize, KFold evaluate."""
+    data = data_set[0][0].asnumpy()
+    emb = _numpy_embeddings(mod, data) + _numpy_embeddings(mod, data[:, :, :, ::-1].copy())
+    return ref_evaluate(normalize(emb), data_set[1], nrof_folds=nfolds)
+
+
+@pytest.mark.parametrize("batch_size", [8, 32])  # 46 images: overlapping last window; 14 images: padded batch
+def test_training_module_on_23_pair_pack_uneven_folds(tmp_path, caplog, batch_size):
+    data_set, path = _pack_on_disk(tmp_path, 23)
+    mod = _training_like_module(batch_size)
+    with caplog.at_level("WARNING", logger="eval.protocol"):
+        res = ver.test(data_set, mod, batch_size, 10)
+    assert len(res.accuracy) == 10
+    _, _, ref_acc, ref_val, _, _ = _ref_test(mod, data_set, 10)
+    np.testing.assert_allclose(res.accuracy, ref_acc)
+    assert res.acc2 == pytest.approx(np.mean(ref_acc)) and res.val == pytest.approx(ref_val)
+    warned = [r.getMessage() for r in caplog.records if "uneven folds" in r.getMessage()]
+    assert len(warned) == 1 and path in warned[0], caplog.text
+
+
+def test_training_module_on_7_pair_pack(tmp_path, caplog):
+    data_set, path = _pack_on_disk(tmp_path, 7, seed=1)
+    mod = _training_like_module(8)
+    forwards = []
+    original_forward = mod.forward
+    mod.forward = lambda *a, **k: (forwards.append(1), original_forward(*a, **k))[1]
+    # 10 folds: sklearn's KFold (upstream) raises; we raise at evaluation, naming the pack and the fixes,
+    # before embedding anything
+    with pytest.raises(ver.FoldError) as err:
+        ver.test(data_set, mod, 8, 10)
+    message = str(err.value)
+    assert path in message and "7 pairs cannot be split into 10 folds" in message
+    assert "at most 7 folds" in message and "eval.build_bin --num-pairs" in message
+    assert forwards == []
+    # fewer folds work, uneven ones as KFold splits them
+    for nfolds in (5, 7, 1):
+        res = ver.test(data_set, mod, 8, nfolds)
+        _, _, ref_acc, _, _, _ = _ref_test(mod, data_set, nfolds)
+        np.testing.assert_allclose(res.accuracy, ref_acc)
+    assert forwards  # the model did run
+
+
+def test_verification_callback_on_uneven_pack_sees_live_weights(tmp_path):
+    # the engine's train-time verifier: VerificationCallback(test) on the training Module, nfolds 10
+    from recognition.callbacks import VerificationCallback
+    data_set, _ = _pack_on_disk(tmp_path, 23, seed=2)
+    mod = _training_like_module(8)
+    callback = VerificationCallback([("odd", data_set)], 8, 1, ver.test)
+    before = callback.run(mod, 1)["odd"]
+    data = data_set[0][0].asnumpy()
+    mod.forward_backward(mx.io.DataBatch(data=[mx.nd.array(data[:8])], label=[mx.nd.array(np.arange(8) % 4)]))
+    mod.update()
+    after = callback.run(mod, 2)["odd"]
+    _, _, ref_acc, _, _, _ = _ref_test(mod, data_set, 10)
+    assert after["acc"] == pytest.approx(float(np.mean(ref_acc)))
+    assert after["xnorm"] != pytest.approx(before["xnorm"])
+
+
+def test_embed_plain_and_flip_sum():
+    rng = np.random.default_rng(9)
+    data = rng.integers(0, 256, size=(13, 3, 4, 4)).astype(np.float32)
+    mod = _training_like_module(5)
+    plain = ver.embed(mx.nd.array(data), mod, 5)
+    np.testing.assert_allclose(plain.embeddings, _numpy_embeddings(mod, data), rtol=1e-4, atol=1e-2)
+    assert len(plain.views) == 1 and plain.seconds > 0
+    flipped = data[:, :, :, ::-1].copy()
+    summed = ver.embed(data, mod, 5, flip=True)  # numpy input, flip computed
+    given = ver.embed(mx.nd.array(data), mod, 5, flip=True, flipped=mx.nd.array(flipped))
+    np.testing.assert_allclose(summed.embeddings, given.embeddings, rtol=1e-6)
+    np.testing.assert_allclose(summed.embeddings, _numpy_embeddings(mod, data) + _numpy_embeddings(mod, flipped),
+                               rtol=1e-4, atol=2e-2)
+    np.testing.assert_array_equal(given.embeddings, given.views[0] + given.views[1])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        ver.embed(data, mod, 0)
 
 
 def test_pixel_baseline_separates_near_duplicates():
