@@ -1,29 +1,34 @@
-"""The training engine shared by ``train_softmax`` and ``train_triplet``: :func:`fit`.
+"""The training engine shared by ``train_softmax`` and ``train_triplet``: :func:`fit` and :class:`Trainer`.
 
-``fit(config, make_train_iter=None, metrics=None, symbol=None) -> FitResult``
+``fit(config, make_train_iter=None, metrics=None, symbol=None, hooks=None) -> FitResult``
 
 * ``config``: a config from :func:`recognition.config.load_config` / ``parse_args`` (validated again here).
 * ``make_train_iter(config, module, contexts) -> mx.io.DataIter`` is called AFTER the training Module is
   bound and its parameters initialised (the triplet iterator embeds its bags with the live weights); the
   default builds ``iterators.FaceImageIter`` on ``<dataset_path>/train.rec`` with global batch
-  ``per_batch_size * len(contexts)``. The iterator must yield ``data`` (B, 3, H, W) and ``softmax_label`` (B,).
+  ``per_batch_size * len(contexts)``. The iterator must yield ``data`` (B, 3, H, W) and ``softmax_label`` (B,);
+  the engine calls its ``close()`` (if any) when training ends.
 * ``metrics``: list of ``mx.metric.EvalMetric`` (default ``[AccMetric]`` + ``LossValueMetric`` if ``ce_loss``).
 * ``symbol``: optional training symbol overriding ``symbols.get_symbol(config)`` (same output contract:
   outputs[0] is the embedding; used by tests and custom heads).
+* ``hooks``: :class:`recognition.hooks.Hook` instances (events, order and stopping: see that module).
 
-One step (spec §8): ``forward_backward`` on the global batch (sliced over the contexts by Module), ``update``
-with ``SGD(lr, momentum, wd, rescale_grad=1/G)`` and ``MultiFactorScheduler(lr_steps, 0.1)`` (lr x0.1 from the
-update after global batch ``step``, as upstream's ``opt.lr *= 0.1`` when ``mbatch == step``), metric update,
-then the callbacks of :mod:`recognition.callbacks`. Upstream ignores ``lr_mult``/``wd_mult`` and applies wd to
-every parameter (spec §8.5): reproduced unless ``honour_param_mults``.
+One step (insightface ``train_net``, ``recognition/arcface_mxnet/train.py``): ``forward_backward`` on the
+global batch (sliced over the contexts by Module), ``update`` with ``SGD(lr, momentum, wd, rescale_grad=1/G)``
+and ``MultiFactorScheduler(lr_steps, 0.1)`` (lr x0.1 from the update after global batch ``step``, as
+upstream's ``opt.lr *= 0.1`` when ``mbatch == step``), metric update, then ``after_step`` of every hook.
+Upstream builds its SGD without ``sym=``, so ``lr_mult``/``wd_mult`` are ignored and wd applies to every
+parameter: reproduced unless ``honour_param_mults``.
 
-When training stops (``max_steps`` updates done, or ``end_epoch``), the final weights are written as
-``prefix-0000.params`` (unless ``ckpt=0``; HEAD ``train_parall`` also saves epoch 0 at ``max_steps``), so
-``--ckpt 3`` keeps the best model in slot 1 and the last one in slot 0, plus a resume state.
+Hooks, in call order: :class:`~recognition.hooks.NonFiniteGuard`, :class:`~recognition.hooks.Speedometer`,
+:class:`~recognition.hooks.LrLogger`, :class:`~recognition.hooks.PeriodicVerification`,
+:class:`~recognition.hooks.MaxSteps`, the user's ``hooks``, :class:`recognition.checkpoints.CheckpointSaver`
+(the only writer of checkpoint files: ``--ckpt`` policy, final ``prefix-0000.params``, resume states).
 
-Shared by every trainer: devices, optimizer, lr schedule, verification, checkpoints (``--ckpt`` policy +
-resume state), ``--resume``, ``--pretrained``, logging to ``training.log``, ``metrics.jsonl``, NaN guard,
-``max_steps`` and the curve PNG. Everything happens inside the run directory.
+``--resume <run_dir>`` restores parameters (incl. fc7), optimizer states, position, lr, hook states and the
+iterator position (``train_iter.load_state_dict``: nothing is decoded or re-mined; iterators without it are
+replayed up to the saved batch). Also shared by every trainer: devices, ``--pretrained``, ``training.log``,
+``metrics.jsonl`` and the curve PNG. Everything happens inside the run directory.
 """
 import contextlib
 import copy
@@ -39,10 +44,12 @@ from easydict import EasyDict as edict
 
 from iterators.formats.atomic import atomic_write_text
 
-from recognition import callbacks as cbs
 from recognition import checkpoints as ckpts
+from recognition import hooks as hooks_lib
+from recognition.checkpoints import CheckpointPolicy, CheckpointSaver
 from recognition.config import ConfigError, save_config, validate
 from recognition.devices import get_contexts
+from recognition.hooks import TrainingState
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +67,8 @@ class FitResult:
     prefix: str
     global_step: int
     epoch: int
-    stopped: str                 # "max_steps" | "end_epoch"
-    state: cbs.TrainingState
+    stopped: str                 # "max_steps" | "end_epoch" | the reason a hook gave to request_stop
+    state: TrainingState
     final_checkpoint: str        # params file of the final model ("" with ckpt=0)
     resume_state: str            # newest resume-state directory
     metrics: list                # records written to metrics.jsonl
@@ -187,34 +194,6 @@ def load_verification_sets(cfg):
     return sets
 
 
-class Checkpointer:
-    """Writes the insightface checkpoint and the resume state of the training Module."""
-
-    def __init__(self, cfg, run_dir, module, state, symbol):
-        self.cfg, self.run_dir, self.module, self.state, self.symbol = cfg, run_dir, module, state, symbol
-
-    def _params(self):
-        # BatchNorm's backward updates moving_mean/var outside MXNet's dependency tracking: without a full
-        # sync, get_params can copy statistics from before the last update (seen: differences up to 0.4, r18).
-        mx.nd.waitall()
-        return self.module.get_params()
-
-    def save_model(self, number):
-        arg_params, aux_params = self._params()
-        symbol = self.symbol
-        if self.cfg.ckpt_embedding:
-            symbol, arg_params, aux_params = ckpts.embedding_checkpoint(symbol, arg_params, aux_params)
-        return ckpts.save_checkpoint(self.cfg.prefix, number, symbol, arg_params, aux_params)
-
-    def save_resume(self):
-        arg_params, aux_params = self._params()
-        payload = self.state.to_json()
-        payload["config"] = dict(self.cfg)
-        payload["saved_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        return ckpts.save_resume_state(self.run_dir, payload, arg_params, aux_params,
-                                       self.module.save_optimizer_states, symbol_json=self.symbol.tojson())
-
-
 def plot_curves(records, path):
     """PNG of loss/accuracy, lr and verification accuracy against the global step (Agg canvas, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -268,14 +247,14 @@ def _truncate_records(path, global_step):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+
+
 def _fast_forward(train_iter, epochs, nbatch):
-    """Replay the data order up to (epoch, batch) so a resumed run sees the batches a straight run would.
+    """Replay the data order up to (epoch, batch): the fallback for iterators without ``state_dict``.
 
     Costs one pass over the skipped batches (decoding included); exact for seeded iterators whose random
     decisions are drawn in the calling thread.
     """
-    if epochs or nbatch:
-        logger.info("resume: replaying the data order (%d epoch(s) + %d batch(es))", epochs, nbatch)
     for _ in range(epochs):
         for _ in train_iter:
             pass
@@ -288,21 +267,161 @@ def _fast_forward(train_iter, epochs, nbatch):
                                f"(ended at {i}); it changed since the run was saved") from None
 
 
+def restore_data_position(train_iter, iterator_state, epochs, nbatch):
+    """Put a freshly built ``train_iter`` where the resume state left it (``epochs`` epochs + ``nbatch``).
+
+    With a saved ``iterator_state`` and ``train_iter.load_state_dict``: O(1), nothing decoded or re-mined.
+    Otherwise (custom iterators without ``state_dict``) the data order is replayed (logged).
+    Returns "state" or "replay".
+    """
+    if iterator_state is not None and hasattr(train_iter, "load_state_dict"):
+        train_iter.load_state_dict(iterator_state)
+        logger.info("resume: iterator state restored at epoch %d, batch %d (no data replayed)", epochs, nbatch)
+        return "state"
+    if epochs or nbatch:
+        why = ("the resume state has no iterator state (the iterator had no state_dict())"
+               if iterator_state is None else f"{type(train_iter).__name__} has no load_state_dict()")
+        logger.info("resume: %s; replaying the data order (%d epoch(s) + %d batch(es))", why, epochs, nbatch)
+    _fast_forward(train_iter, epochs, nbatch)
+    return "replay"
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """The training loop and what hooks see (see :mod:`recognition.hooks` for the events and their order).
+
+    Attributes
+    ----------
+    config : EasyDict, the resolved run config
+    run_dir : str
+    module : mx.mod.Module, bound for training on ``contexts`` with the global ``batch_size``
+    symbol : the training symbol (outputs[0] is the embedding)
+    train_iter : mx.io.DataIter
+    metric : mx.metric.CompositeEvalMetric
+    optimizer : mx.optimizer.SGD
+    state : :class:`recognition.hooks.TrainingState` (``global_step``, ``epoch``, ``nbatch``, ``lr``)
+    metrics_log : :class:`recognition.hooks.MetricsLog` (``write(record)`` appends to ``metrics.jsonl``)
+    hooks : list of :class:`recognition.hooks.Hook`, in call order
+    stop_reason : None until a hook calls :meth:`request_stop`
+    """
+
+    def __init__(self, config, run_dir, module, symbol, train_iter, metric, optimizer, hooks, metrics_log=None,
+                 state=None, contexts=None, batch_size=None):
+        self.config, self.run_dir = config, run_dir
+        self.module, self.symbol, self.train_iter = module, symbol, train_iter
+        self.metric, self.optimizer, self.metrics_log = metric, optimizer, metrics_log
+        self.state = state if state is not None else TrainingState()
+        self.contexts, self.batch_size = contexts, batch_size
+        self.hooks = list(hooks)
+        self.stop_reason = None
+        self._hook_names = []
+        for hook in self.hooks:
+            name, n = hook.name, 1
+            while name in self._hook_names:
+                n += 1
+                name = f"{hook.name}#{n}"
+            self._hook_names.append(name)
+
+    def request_stop(self, reason, message=None):
+        """End training after the current step has reached every hook; ``fit`` returns ``stopped=reason``."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            logger.info("training finished: %s", message or reason)
+
+    def publish_verification(self, results):
+        """Call ``after_verification(trainer, results)`` on every hook, in order."""
+        for hook in self.hooks:
+            hook.after_verification(self, results)
+
+    def hook_states(self):
+        """``{hook name: state_dict()}`` of the hooks that have state."""
+        states = {}
+        for name, hook in zip(self._hook_names, self.hooks):
+            state = hook.state_dict()
+            if state is not None:
+                states[name] = state
+        return states
+
+    def load_hook_states(self, states):
+        """Give every hook its saved state (hooks missing from ``states`` keep their initial state)."""
+        for name, hook in zip(self._hook_names, self.hooks):
+            if name in states:
+                hook.load_state_dict(states[name])
+
+    def _call(self, event):
+        for hook in self.hooks:
+            getattr(hook, event)(self)
+
+    def train(self):
+        """``before_train``, the epochs (stopping early on :meth:`request_stop`), ``after_train``; returns the
+        stop reason ("end_epoch" when the epochs ran out)."""
+        self._call("before_train")
+        if self.stop_reason is None:
+            self._run_epochs()
+        if self.stop_reason is None:
+            self.stop_reason = "end_epoch"
+        self._call("after_train")
+        return self.stop_reason
+
+    def _run_epochs(self):
+        """insightface ``Module.fit``: per batch forward_backward, update, metric update; the Module's
+        ``Epoch[%d] Train-...`` / ``Time cost`` lines and ``train_iter.reset()`` at the end of each epoch."""
+        state, module, metric = self.state, self.module, self.metric
+        first_epoch = state.epoch
+        for epoch in range(first_epoch, self.config.end_epoch):
+            state.epoch = epoch
+            tic = time.time()
+            if epoch != first_epoch or state.nbatch == 0:
+                metric.reset()
+            for batch in self.train_iter:
+                module.forward_backward(batch)
+                module.update()
+                module.update_metric(metric, batch.label)
+                state.global_step += 1
+                state.nbatch += 1
+                state.lr = self.optimizer.learning_rate
+                self._call("after_step")
+                if self.stop_reason is not None:
+                    return
+            for name, value in metric.get_global_name_value():
+                logger.info("Epoch[%d] Train-%s=%f", epoch, name, value)
+            logger.info("Epoch[%d] Time cost=%.3f", epoch, time.time() - tic)
+            self._call("after_epoch")
+            self.train_iter.reset()
+            state.nbatch = 0
+            state.epoch = epoch + 1
+
+
 # --------------------------------------------------------------------------------------------- fit
 
-def fit(config, make_train_iter=None, metrics=None, symbol=None):
-    """Train as insightface's ``train_net`` (spec §8) and return a :class:`FitResult`.
+def default_hooks(cfg, batch_size, ver_sets, verification_test, last_good=None):
+    """The built-in hooks in call order (the :class:`CheckpointSaver` is added after the user's hooks)."""
+    return [
+        hooks_lib.NonFiniteGuard(last_good=last_good),
+        hooks_lib.Speedometer(batch_size, cfg.frequent),
+        hooks_lib.LrLogger(),
+        hooks_lib.PeriodicVerification(ver_sets, batch_size, cfg.verbose, verification_test),
+        hooks_lib.MaxSteps(cfg.max_steps),
+    ]
 
-    Raises :class:`recognition.callbacks.NonFiniteError` when the loss/metric/embedding becomes NaN/inf
-    (the message names the step and the last good checkpoint, which is left intact).
+
+def fit(config, make_train_iter=None, metrics=None, symbol=None, hooks=None):
+    """Train as insightface's ``train_net`` (``recognition/arcface_mxnet/train.py``) and return a
+    :class:`FitResult`.
+
+    ``hooks``: :class:`recognition.hooks.Hook` instances called after the default hooks (and before the
+    checkpoint saver) on every event. Raises :class:`recognition.hooks.NonFiniteError` when the
+    loss/metric/embedding becomes NaN/inf (the message names the step and the last good checkpoint, which is
+    left intact).
     """
     cfg, run_dir = resolve_run_config(config)
     os.makedirs(run_dir, exist_ok=True)
     with _run_log(run_dir):
-        return _fit(cfg, run_dir, make_train_iter, metrics, symbol)
+        return _fit(cfg, run_dir, make_train_iter, metrics, symbol, list(hooks or []))
 
 
-def _fit(cfg, run_dir, make_train_iter, metrics, symbol):
+def _fit(cfg, run_dir, make_train_iter, metrics, symbol, user_hooks):
     logger.info("Called with config: %s", json.dumps(dict(cfg), sort_keys=True, default=str))
     save_config(cfg, run_dir)
     contexts = get_contexts(cfg.gpus, cfg.ctx)
@@ -319,19 +438,18 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol):
     if symbol is None:
         import symbols
         symbol = symbols.get_symbol(cfg)
+    saver = CheckpointSaver.from_config(cfg, run_dir)
     resume = None
     if cfg.resume:
-        resume = ckpts.load_resume_state(run_dir, symbol)
-        logger.info("resuming %s from global step %d (%s)", run_dir, resume[0]["global_step"],
-                    ckpts.list_resume_states(run_dir)[-1])
-        _truncate_records(os.path.join(run_dir, METRICS_FILE), resume[0]["global_step"])
+        resume = saver.load_latest(symbol)
+        logger.info("resuming %s from global step %d (%s)", run_dir, resume.state["global_step"], resume.path)
+        _truncate_records(os.path.join(run_dir, METRICS_FILE), resume.state["global_step"])
     module = mx.mod.Module(symbol=symbol, context=contexts, data_names=("data",), label_names=("softmax_label",))
     module.bind(data_shapes=[("data", (batch_size, 3, height, width))],
                 label_shapes=[("softmax_label", (batch_size,))], for_training=True)
     initializer = _initializer(cfg)
     if resume:
-        state_json, arg_params, aux_params, optimizer_path = resume
-        module.init_params(initializer=None, arg_params=arg_params, aux_params=aux_params,
+        module.init_params(initializer=None, arg_params=resume.arg_params, aux_params=resume.aux_params,
                            allow_missing=False, allow_extra=False)
     elif cfg.pretrained:
         arg_params, aux_params = ckpts.load_pretrained(cfg.pretrained, cfg.pretrained_epoch)
@@ -345,16 +463,29 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol):
     else:
         module.init_params(initializer=initializer)
 
-    state = cbs.TrainingState()
+    state = TrainingState()
     if resume:
-        for key, value in state_json.items():
-            if hasattr(state, key) and key not in ("verification", "is_highest"):
-                setattr(state, key, value)
+        for key in dataclasses.asdict(state):
+            if key in resume.state:
+                setattr(state, key, resume.state[key])
         if cfg.seed >= 0:
             # MXNet's generator state (Dropout masks) is not saved: reseed deterministically per resume point.
             # Weights after a resume equal a straight run exactly only for nets without random ops.
             mx.random.seed(cfg.seed + state.global_step)
     train_iter = (make_train_iter or default_train_iter)(cfg, module, contexts)
+    try:
+        return _train(cfg, run_dir, module, symbol, train_iter, metrics, state, resume, saver, user_hooks,
+                      contexts)
+    finally:
+        close = getattr(train_iter, "close", None)
+        if callable(close):
+            close()
+
+
+def _train(cfg, run_dir, module, symbol, train_iter, metrics, state, resume, saver, user_hooks, contexts):
+    num_devices = len(contexts)
+    batch_size = cfg.per_batch_size * num_devices
+    height, width = cfg.image_shape[:2]
     expected = (batch_size, 3, height, width)
     got = tuple(train_iter.provide_data[0].shape)
     if got != expected:
@@ -366,7 +497,7 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol):
     if cfg.honour_param_mults:
         _honour_param_mults(optimizer, symbol)
     if resume:
-        module.load_optimizer_states(optimizer_path)
+        module.load_optimizer_states(resume.optimizer_path)
     state.lr = optimizer.learning_rate
 
     metric = mx.metric.CompositeEvalMetric()
@@ -374,46 +505,28 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol):
         metric.add(m)
 
     metrics_path = os.path.join(run_dir, METRICS_FILE)
-    sink = cbs.MetricsLog(metrics_path)
     ver_sets = load_verification_sets(cfg)
     verification_test = None
     if ver_sets:
         from eval.verification import test as verification_test
-    checkpointer = Checkpointer(cfg, run_dir, module, state, symbol)
-    callbacks = [
-        cbs.NonFiniteGuard(),
-        cbs.Speedometer(batch_size, cfg.frequent, sink=sink),
-        cbs.LrLogger(),
-        cbs.VerificationCallback(ver_sets, batch_size, cfg.verbose, verification_test,
-                                 sink=sink),
-        cbs.HighestAccuracy(),
-        cbs.CheckpointCallback(cfg.ckpt, checkpointer, cfg.verbose),
-        cbs.MaxSteps(cfg.max_steps),
-    ]
-
-    _fast_forward(train_iter, state.epoch, state.nbatch)
-    stopped = "end_epoch"
+    hooks = default_hooks(cfg, batch_size, ver_sets, verification_test, last_good=saver.last_good)
+    trainer = Trainer(cfg, run_dir, module, symbol, train_iter, metric, optimizer, hooks + user_hooks + [saver],
+                      metrics_log=hooks_lib.MetricsLog(metrics_path), state=state, contexts=contexts,
+                      batch_size=batch_size)
+    if resume:
+        trainer.load_hook_states(resume.hook_states)
+        restore_data_position(train_iter, resume.iterator_state(), state.epoch, state.nbatch)
     try:
-        if cfg.max_steps and state.global_step >= cfg.max_steps:
-            raise cbs.TrainingFinished(f"max_steps={cfg.max_steps} already reached")
-        _train_loop(cfg, module, train_iter, metric, callbacks, state, optimizer)
-    except cbs.TrainingFinished as done:
-        logger.info("training finished: %s", done)
-        stopped = "max_steps"
-    except cbs.NonFiniteError as err:
+        stopped = trainer.train()
+    except hooks_lib.NonFiniteError as err:
         logger.error("%s", err)
         _finish_plot(metrics_path, run_dir)
         raise
-    final = ""
-    if cfg.ckpt != cbs.CheckpointPolicy.NONE:
-        logger.info("saving 0 (final weights, global step %d)", state.global_step)
-        final = checkpointer.save_model(0)
-        state.last_checkpoint = final
-    state.last_resume_state = checkpointer.save_resume()
     _finish_plot(metrics_path, run_dir)
     return FitResult(run_dir=run_dir, prefix=cfg.prefix, global_step=state.global_step, epoch=state.epoch,
-                     stopped=stopped, state=state, final_checkpoint=final, resume_state=state.last_resume_state,
-                     metrics=_read_records(metrics_path), config=dict(cfg))
+                     stopped=stopped, state=state,
+                     final_checkpoint=saver.last_model if saver.policy != CheckpointPolicy.NONE else "",
+                     resume_state=saver.last_resume_state, metrics=_read_records(metrics_path), config=dict(cfg))
 
 
 def _initializer(cfg):
@@ -426,30 +539,3 @@ def _finish_plot(metrics_path, run_dir):
     if records:
         path = plot_curves(records, os.path.join(run_dir, CURVES_FILE))
         logger.info("training curves: %s", path)
-
-
-def _train_loop(cfg, module, train_iter, metric, callbacks, state, optimizer):
-    first_epoch = state.epoch
-    for epoch in range(first_epoch, cfg.end_epoch):
-        state.epoch = epoch
-        tic = time.time()
-        if epoch != first_epoch or state.nbatch == 0:
-            metric.reset()
-        nbatch = state.nbatch
-        for batch in train_iter:
-            module.forward_backward(batch)
-            module.update()
-            module.update_metric(metric, batch.label)
-            state.global_step += 1
-            state.nbatch = nbatch + 1
-            state.lr = optimizer.learning_rate
-            param = cbs.BatchEnd(epoch=epoch, nbatch=nbatch, eval_metric=metric, module=module, state=state)
-            for callback in callbacks:
-                callback(param)
-            nbatch += 1
-        for name, value in metric.get_global_name_value():
-            logger.info("Epoch[%d] Train-%s=%f", epoch, name, value)
-        logger.info("Epoch[%d] Time cost=%.3f", epoch, time.time() - tic)
-        train_iter.reset()
-        state.nbatch = 0
-        state.epoch = epoch + 1

@@ -6,7 +6,7 @@ training ends (``--max-steps`` or ``--end-epoch``), 1 on a configuration error o
 import logging
 import sys
 
-from recognition.callbacks import NonFiniteError
+from recognition.hooks import NonFiniteError
 from recognition.config import ConfigError, parse_args
 from recognition.engine import LOG_FORMAT, fit
 

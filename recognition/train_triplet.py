@@ -1,14 +1,16 @@
-"""``python -m recognition.train_triplet``: insightface's triplet fine-tuning (thin entry point, spec §4, §8).
+"""``python -m recognition.train_triplet``: insightface's triplet fine-tuning (thin entry point).
 
 parse flags -> config (:mod:`recognition.config`, trainer defaults below) -> :func:`recognition.engine.fit`
-with :class:`iterators.TripletFaceImageIter` (bags embedded with the weights of the Module being trained)
-and ``[LossValueMetric()]``. Verification, checkpoints, resume and logging are the engine's.
+with :class:`iterators.TripletFaceImageIter` (bags embedded with the weights of the Module being trained,
+as ``recognition/arcface_mxnet/train.py`` builds ``triplet_image_iter.FaceImageIter(mx_model=model)``) and
+``[LossValueMetric()]``. Verification, checkpoints, resume and logging are the engine's.
 
-Trainer defaults (HEAD ``loss.triplet`` + OLD ``train_triplet``): ``loss triplet``, ``per_batch_size 60``,
-``lr 0.05``, ``mom 0.0``, no lr decay, ``images_per_identity 5``, ``triplet_bag_size 7200``,
-``triplet_alpha 0.3`` (``--loss atriplet``: 0.35), ``triplet_max_ap 0``. OLD ``--loss-type 1|2`` means
+Trainer defaults (HEAD ``sample_config.py`` ``loss.triplet`` + OLD ``src/train_triplet.py``): ``loss triplet``,
+``per_batch_size 60``, ``lr 0.05``, ``mom 0.0``, no lr decay, ``images_per_identity 5``,
+``triplet_bag_size 7200``, ``triplet_max_ap 0``; ``triplet_alpha`` comes with the loss preset
+(``symbols.losses.HEAD_PRESETS``: triplet 0.3, atriplet 0.35). OLD ``--loss-type 1|2`` means
 triplet|atriplet here (as in OLD ``train_triplet.py``), not the softmax codes of ``train_softmax``.
-Mining statistics of every bag are written to ``<run_dir>/triplet_bags.json``.
+:class:`BagStatsHook` writes the mining statistics of every bag to ``<run_dir>/triplet_bags.json``.
 """
 import argparse
 import json
@@ -16,16 +18,17 @@ import logging
 import os
 import sys
 
+from iterators.formats.atomic import atomic_write_text
 from iterators.triplet_iter import NoTripletsError
-from recognition.callbacks import NonFiniteError
 from recognition.config import ConfigError, build_arg_parser, parse_args
 from recognition.engine import LOG_FORMAT, fit
+from recognition.hooks import Hook, NonFiniteError
 
 logger = logging.getLogger(__name__)
 
+# insightface's triplet trainer defaults (triplet_alpha is set by the loss preset, see the module docstring)
 TRIPLET_DEFAULTS = {"loss": "triplet", "per_batch_size": 60, "lr": 0.05, "mom": 0.0, "lr_steps": [],
-                    "images_per_identity": 5, "triplet_bag_size": 7200, "triplet_alpha": 0.3, "triplet_max_ap": 0.0}
-ATRIPLET_ALPHA = 0.35  # HEAD loss.atriplet
+                    "images_per_identity": 5, "triplet_bag_size": 7200, "triplet_max_ap": 0.0}
 BAG_STATS_FILE = "triplet_bags.json"
 
 EPILOG = """examples:
@@ -53,7 +56,7 @@ def build_parser():
 
 
 def _translate_legacy_args(argv):
-    """OLD ``train_triplet --loss-type 1|2`` -> ``--loss triplet|atriplet``; returns (argv, loss named on CLI)."""
+    """OLD ``train_triplet --loss-type 1|2`` -> ``--loss triplet|atriplet``; returns the new argv."""
     from symbols.losses import LEGACY_TRIPLET_LOSS_TYPES
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--loss-type", type=int, default=None)
@@ -64,7 +67,7 @@ def _translate_legacy_args(argv):
         if known.loss_type not in LEGACY_TRIPLET_LOSS_TYPES:
             raise ConfigError(f"--loss-type {known.loss_type}: train_triplet takes 1 (triplet) or 2 (atriplet)")
         loss = LEGACY_TRIPLET_LOSS_TYPES[known.loss_type]
-    return (rest + ["--loss", loss] if loss else rest), loss
+    return rest + ["--loss", loss] if loss else rest
 
 
 def check_triplet_config(cfg):
@@ -90,44 +93,73 @@ def check_triplet_config(cfg):
 def parse_triplet_args(argv=None):
     """Config for triplet training: ``configs/base.py`` < trainer defaults < preset < ``--set`` < flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv, cli_loss = _translate_legacy_args(argv)
-    defaults = dict(TRIPLET_DEFAULTS)
-    if cli_loss == "atriplet":
-        defaults["triplet_alpha"] = ATRIPLET_ALPHA
-    return check_triplet_config(parse_args(argv, extra_defaults=defaults, parser=build_parser()))
+    argv = _translate_legacy_args(argv)
+    return check_triplet_config(parse_args(argv, extra_defaults=TRIPLET_DEFAULTS, parser=build_parser()))
 
 
-def make_triplet_iter_factory(holder=None):
-    """``make_train_iter`` for :func:`recognition.engine.fit`; the iterator is also kept in ``holder``."""
-    def make(cfg, module, contexts):
-        from iterators import TripletFaceImageIter
-        height, width = cfg.image_shape[:2]
-        train_iter = TripletFaceImageIter(
-            batch_size=cfg.per_batch_size * len(contexts), data_shape=(3, height, width),
-            path_imgrec=os.path.join(cfg.dataset_path, "train.rec"), shuffle=True,
-            rand_mirror=bool(cfg.data_rand_mirror), cutoff=cfg.data_cutoff, ctx_num=len(contexts),
-            images_per_identity=cfg.images_per_identity,
-            triplet_params=[cfg.triplet_bag_size, cfg.triplet_alpha, cfg.triplet_max_ap], mx_model=module,
-            seed=None if cfg.seed < 0 else cfg.seed, num_workers=cfg.data_workers)
-        if holder is not None:
-            holder.append(train_iter)
-        return train_iter
-    return make
+def make_triplet_iter(cfg, module, contexts):
+    """``make_train_iter`` for :func:`recognition.engine.fit`: a ``TripletFaceImageIter`` mining with ``module``."""
+    from iterators import TripletFaceImageIter
+    height, width = cfg.image_shape[:2]
+    return TripletFaceImageIter(
+        batch_size=cfg.per_batch_size * len(contexts), data_shape=(3, height, width),
+        path_imgrec=os.path.join(cfg.dataset_path, "train.rec"), shuffle=True,
+        rand_mirror=bool(cfg.data_rand_mirror), cutoff=cfg.data_cutoff, ctx_num=len(contexts),
+        images_per_identity=cfg.images_per_identity,
+        triplet_params=[cfg.triplet_bag_size, cfg.triplet_alpha, cfg.triplet_max_ap], mx_model=module,
+        seed=None if cfg.seed < 0 else cfg.seed, num_workers=cfg.data_workers)
 
 
-def train(config):
-    """Run :func:`recognition.engine.fit` for triplet training; returns ``(FitResult, bag_stats)``."""
+class BagStatsHook(Hook):
+    """Collect ``train_iter.bag_stats`` (one record per mined bag) into ``<run_dir>/triplet_bags.json``.
+
+    The file is rewritten (atomically) at the end of every epoch and of training. The records collected so
+    far are part of the resume state, so a resumed run's file lists every bag of the run once (bags the
+    iterator already holds at ``before_train``, restored or replayed, are not counted again).
+    """
+
+    def __init__(self):
+        self.bags = []
+        self._seen = 0
+
+    def _collect(self, trainer):
+        stats = getattr(trainer.train_iter, "bag_stats", [])
+        self.bags.extend(stats[self._seen:])
+        self._seen = len(stats)
+
+    def _write(self, trainer):
+        self._collect(trainer)
+        atomic_write_text(os.path.join(trainer.run_dir, BAG_STATS_FILE), json.dumps(self.bags, indent=1) + "\n")
+
+    def before_train(self, trainer):
+        self._seen = len(getattr(trainer.train_iter, "bag_stats", []))
+
+    def after_step(self, trainer):
+        self._collect(trainer)
+
+    def after_epoch(self, trainer):
+        self._write(trainer)
+
+    def after_train(self, trainer):
+        self._write(trainer)
+
+    def state_dict(self):
+        return {"bags": self.bags}
+
+    def load_state_dict(self, state):
+        self.bags = list(state["bags"])
+
+
+def train(config, hooks=None):
+    """Run :func:`recognition.engine.fit` for triplet training; returns ``(FitResult, bag_stats)``.
+
+    ``hooks``: extra :class:`recognition.hooks.Hook` instances, run after the bag statistics hook.
+    """
     import metrics
-    holder = []
-    try:
-        result = fit(config, make_train_iter=make_triplet_iter_factory(holder), metrics=[metrics.LossValueMetric()])
-    finally:
-        if holder:
-            holder[0].close()
-    bag_stats = holder[0].bag_stats if holder else []
-    with open(os.path.join(result.run_dir, BAG_STATS_FILE), "w", encoding="utf-8") as f:
-        json.dump(bag_stats, f, indent=1)
-    return result, bag_stats
+    bag_hook = BagStatsHook()
+    result = fit(config, make_train_iter=make_triplet_iter, metrics=[metrics.LossValueMetric()],
+                 hooks=[bag_hook, *(hooks or [])])
+    return result, bag_hook.bags
 
 
 def main(argv=None):

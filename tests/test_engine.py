@@ -1,4 +1,4 @@
-"""Training engine: callbacks, optimizer semantics, data parallel, NaN guard, resume, verification on live weights.
+"""Training engine: hooks, optimizer semantics, data parallel, NaN guard, resume, verification on live weights.
 
 Most tests use a tiny hand-made symbol with insightface's output contract (``fc1`` embedding, ``fc7``
 classifier, SoftmaxOutput 'valid') and ``mx.io.NDArrayIter`` so they run in a fraction of a second; the
@@ -11,10 +11,11 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition import callbacks as cbs
-from recognition.checkpoints import load_resume_state
+from recognition import hooks
+from recognition.checkpoints import CheckpointPolicy, HighestAccuracy, load_resume_state
 from recognition.config import load_config
 from recognition.engine import fit
+from recognition.hooks import TrainingState
 
 NUM_CLASSES, SIDE, EMB = 4, 2, 5
 FEAT = 3 * SIDE * SIDE
@@ -77,27 +78,25 @@ def run_tiny(tmp_path, x=None, y=None, symbol=None, **overrides):
                symbol=symbol if symbol is not None else tiny_symbol())
 
 
-# ------------------------------------------------------------------------------------------------- callbacks
+# ------------------------------------------------------------------------------------------------- hooks
 
-class _Param:
-    def __init__(self, state, nbatch=0, metric=None, epoch=0, module=None):
-        self.state, self.nbatch, self.eval_metric, self.epoch, self.module = state, nbatch, metric, epoch, module
+class _Trainer:
+    """The attributes of :class:`recognition.engine.Trainer` the hooks under test read."""
 
+    def __init__(self, state, metric=None, metrics_log=None):
+        self.state, self.metric, self.metrics_log = state, metric, metrics_log
+        self.stop_reason = None
 
-def _verified(state, step, accs):
-    state.global_step = step
-    state.verified_step = step
-    state.verification = {f"t{i}": {"acc": a} for i, a in enumerate(accs)}
+    def request_stop(self, reason, message=None):
+        self.stop_reason = reason
 
 
 def test_highest_accuracy_reproduces_upstream_rule():
     """Hand-traced upstream semantics: best on the LAST target, tie broken by a stale sum."""
-    state, rule = cbs.TrainingState(), cbs.HighestAccuracy()
+    rule = HighestAccuracy()
     outcomes = []
-    for step, accs in enumerate([(0.90, 0.80), (0.95, 0.80), (0.80, 0.80), (0.99, 0.79), (0.70, 0.85)], 1):
-        _verified(state, step, accs)
-        rule(_Param(state))
-        outcomes.append((state.is_highest, tuple(state.highest_acc)))
+    for accs in [(0.90, 0.80), (0.95, 0.80), (0.80, 0.80), (0.99, 0.79), (0.70, 0.85)]:
+        outcomes.append((rule.update(accs), tuple(rule.highest_acc)))
     assert outcomes == [
         (True, (0.0, 0.80)),     # 0.80 > 0: best; the sum is NOT recorded (upstream)
         (True, (1.75, 0.80)),    # tie on the last target, 1.75 >= 0.0 (stale sum): best, sum recorded
@@ -105,29 +104,31 @@ def test_highest_accuracy_reproduces_upstream_rule():
         (False, (1.75, 0.80)),   # last target dropped, even though lfw-like first target rose
         (True, (1.75, 0.85)),    # strictly higher last target
     ]
+    assert rule.update([]) is False and rule.best == 0.85  # no target pack: never best
 
 
 @pytest.mark.parametrize("policy, is_highest, save_step, expected", [
     (0, True, 3, None), (1, True, 3, 3), (1, False, 3, None), (2, False, 3, 3), (3, True, 3, 1), (3, False, 3, None),
 ])
 def test_checkpoint_policy_modes(policy, is_highest, save_step, expected):
-    assert cbs.CheckpointPolicy(policy).decide(is_highest, save_step) == expected
+    assert CheckpointPolicy(policy).decide(is_highest, save_step) == expected
 
 
 def test_speedometer_line_and_reset(caplog):
     metric = Acc()
     metric.sum_metric, metric.num_inst = 3.0, 4
-    state = cbs.TrainingState(global_step=4, lr=0.1)
+    state = TrainingState(global_step=4, lr=0.1)
     sink_records = []
 
     class Sink:
         def write(self, record):
             sink_records.append(record)
-    meter = cbs.Speedometer(batch_size=16, frequent=2, sink=Sink())
+    meter = hooks.Speedometer(batch_size=16, frequent=2)
+    trainer = _Trainer(state, metric, Sink())
     with caplog.at_level(logging.INFO):
-        meter(_Param(state, nbatch=0, metric=metric))
-        meter(_Param(state, nbatch=1, metric=metric))
-        meter(_Param(state, nbatch=2, metric=metric))
+        for nbatch in (1, 2, 3):  # batches done in the epoch (0-based batch 0, 1, 2)
+            state.nbatch = nbatch
+            meter.after_step(trainer)
     lines = [r.getMessage() for r in caplog.records if "Speed" in r.getMessage()]
     assert len(lines) == 1
     assert lines[0].startswith("Epoch[0] Batch [0-2]\tSpeed: ") and lines[0].endswith("samples/sec\tacc=0.750000")
@@ -135,13 +136,15 @@ def test_speedometer_line_and_reset(caplog):
     assert sink_records[0]["acc"] == 0.75 and sink_records[0]["step"] == 4 and sink_records[0]["lr"] == 0.1
 
 
-def test_max_steps_raises_training_finished():
-    state = cbs.TrainingState(global_step=4)
-    cbs.MaxSteps(5)(_Param(state))
-    state.global_step = 5
-    with pytest.raises(cbs.TrainingFinished):
-        cbs.MaxSteps(5)(_Param(state))
-    cbs.MaxSteps(0)(_Param(state))
+def test_max_steps_requests_stop():
+    trainer = _Trainer(TrainingState(global_step=4))
+    hooks.MaxSteps(5).after_step(trainer)
+    assert trainer.stop_reason is None
+    trainer.state.global_step = 5
+    hooks.MaxSteps(0).after_step(trainer)
+    assert trainer.stop_reason is None
+    hooks.MaxSteps(5).after_step(trainer)
+    assert trainer.stop_reason == "max_steps"
 
 
 # ------------------------------------------------------------------------------------------------- engine
@@ -208,7 +211,7 @@ def test_update_equals_numpy_reference(tmp_path):
 
 
 def test_param_mults_ignored_by_default_honoured_on_request(tmp_path):
-    """insightface quirk (spec §8.5): lr_mult=0 on fc7_weight has no effect unless honour_param_mults."""
+    """insightface quirk (train.py builds SGD without sym=): lr_mult=0 on fc7_weight has no effect unless honour_param_mults."""
     x, y = make_data()
     start = _write_start(tmp_path)
     common = dict(symbol=tiny_symbol(fc7_lr_mult=0.0), max_steps=3, pretrained=f"{tmp_path}/start,0")
@@ -232,7 +235,7 @@ def test_two_cpu_contexts_equal_one_with_same_global_batch(tmp_path):
 
 def test_nan_stops_with_step_and_intact_checkpoint(tmp_path):
     x, y = make_data(nan_at=33)  # sample 33 is in global batch 5 (batches of 8)
-    with pytest.raises(cbs.NonFiniteError) as err:
+    with pytest.raises(hooks.NonFiniteError) as err:
         run_tiny(tmp_path, x, y, max_steps=20)
     message = str(err.value)
     assert "global step 5" in message and "step-0000000003" in message

@@ -8,7 +8,7 @@ import pytest
 
 from recognition.config import ConfigError, load_config
 from recognition.engine import fit
-from recognition.train_triplet import ATRIPLET_ALPHA, main, parse_triplet_args
+from recognition.train_triplet import main, parse_triplet_args
 from tests.data_fixtures import make_synthetic_dataset
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -18,7 +18,7 @@ def test_trainer_defaults_are_insightface_triplet_defaults():
     cfg = parse_triplet_args([])
     assert (cfg.loss, cfg.per_batch_size, cfg.lr, cfg.mom, cfg.lr_steps) == ("triplet", 60, 0.05, 0.0, [])
     assert (cfg.images_per_identity, cfg.triplet_bag_size, cfg.triplet_alpha, cfg.triplet_max_ap) == (5, 7200, 0.3, 0)
-    assert parse_triplet_args(["--loss", "atriplet"]).triplet_alpha == ATRIPLET_ALPHA
+    assert parse_triplet_args(["--loss", "atriplet"]).triplet_alpha == 0.35
     assert parse_triplet_args(["--loss", "atriplet", "--triplet-alpha", "0.2"]).triplet_alpha == 0.2
     # OLD train_triplet --loss-type: 1 triplet, 2 atriplet (not train_softmax's codes).
     legacy = parse_triplet_args(["--loss-type", "2", "--per-batch-size", "150", "--lr", "0.005"])
