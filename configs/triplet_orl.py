@@ -1,4 +1,5 @@
 """Triplet fine-tuning of the ``make demo`` ORL model (``orl_demo.py``: quarter-width r18, 128-d), CPU.
+(The demo recipe itself: docs/orl_demo.md.)
 
 Inherits ``image_shape`` from ``orl_demo.py`` (32x32 since the demo switched from 64x64; the pretrained
 model and ``demo_run/data`` must have the same size). The choices and numbers below were measured with the
@@ -11,8 +12,8 @@ Choices, made on the TRAINING people only (``python -m recognition.demo --valida
 verification on 8 of the 30 training people; base 0.92333):
 
 * alpha 0.5, not 0.3: after ArcFace pre-training the training people's mean ||a-p||^2 is 0.30 and
-  ||a-n||^2 2.04, so alpha 0.3 leaves ~18 semi-hard triplets per 300-image bag (< 2 batches of 10 triplets;
-  USERS.md #14) and 0.5 about 80;
+  ||a-n||^2 2.04, so alpha 0.3 leaves ~18 semi-hard triplets per 300-image bag (< 2 batches of 10 triplets,
+  too few for insightface's ``triplet_image_iter.py`` ``select_triplets`` to fill an epoch) and 0.5 about 80;
 * lr 0.001 x 50 steps: lr 0.005 gave 0.910 at step 50 and 0.893 at 100, lr 0.001 0.925 / 0.915;
 * ``bn_mom`` 1.0 (BatchNorm moving statistics frozen): re-estimating them on [anchor|positive|negative]
   batches alone costs accuracy. On the held-out people an lr of 1e-12 (weights unchanged) for 25 steps

@@ -7,7 +7,8 @@ never select anything) on ``orl.bin`` and print the accuracy next to the raw-pix
 same verifier (``eval.verification``) on the same pack.
 
 ``--validation-split K`` is how the recipe was chosen without looking at the held-out people: it trains on
-30-K of the 30 training people and verifies on the other K (a pack built from training people only).
+30-K of the 30 training people and verifies on the other K (a pack built from training people only). The
+trials and results are in docs/orl_demo.md.
 """
 import argparse
 import logging
@@ -22,47 +23,9 @@ from recognition.engine import LOG_FORMAT, fit
 
 logger = logging.getLogger(__name__)
 
-AFFINE_SCALE = 0.10   # random zoom in [1 - s, 1 + s]
-AFFINE_ROTATE = 10.0  # random in-plane rotation, degrees
-AFFINE_SHIFT = 0.08   # random shift, fraction of the side
 PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "orl_demo.py")
 ORL_SEED = 0          # seeded split of the 40 people (iterators.tools.datasets.build_orl)
 TRAIN_PEOPLE = 30
-
-
-class RandomAffine:
-    """FaceImageIter ``aug_list`` entry: random zoom/rotation/shift of an HWC image (edge-replicated border).
-
-    ORL faces are cropped but not landmark-aligned (pose and position vary) and 30 people x 10 images is tiny,
-    so geometric augmentation was tried against memorisation; on the validation split it did not help (see
-    configs/orl_demo.py), so the demo leaves it off (``--affine`` turns it on).
-    """
-
-    def __init__(self, scale=AFFINE_SCALE, rotate=AFFINE_ROTATE, shift=AFFINE_SHIFT):
-        self.scale, self.rotate, self.shift = scale, rotate, shift
-
-    def __call__(self, img, rng):
-        import cv2
-        h, w = img.shape[:2]
-        zoom = 1.0 + rng.uniform(-self.scale, self.scale)
-        matrix = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), rng.uniform(-self.rotate, self.rotate), zoom)
-        matrix[:, 2] += rng.uniform(-self.shift, self.shift, size=2) * (w, h)
-        out = cv2.warpAffine(np.ascontiguousarray(img), matrix, (w, h), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_REPLICATE)
-        return out.reshape(img.shape)
-
-
-def make_train_iter(config, module, contexts, affine=False):
-    """The engine's FaceImageIter plus :class:`RandomAffine` (``make_train_iter`` hook of ``fit``)."""
-    from iterators import FaceImageIter
-    height, width = config.image_shape[:2]
-    return FaceImageIter(batch_size=config.per_batch_size * len(contexts), data_shape=(3, height, width),
-                         path_imgrec=os.path.join(config.dataset_path, "train.rec"), shuffle=True,
-                         aug_list=[RandomAffine()] if affine else None,
-                         rand_mirror=bool(config.data_rand_mirror), cutoff=config.data_cutoff,
-                         color_jittering=config.data_color, images_filter=config.data_images_filter,
-                         num_workers=config.data_workers, seed=None if config.seed < 0 else config.seed,
-                         num_classes=config.num_classes)
 
 
 def build_validation_split(output, holdout, image_size, seed=ORL_SEED, cache_dir=None):
@@ -88,18 +51,16 @@ def build_validation_split(output, holdout, image_size, seed=ORL_SEED, cache_dir
 def evaluate_checkpoint(prefix, epoch, pack_path, image_size, batch_size=50):
     """Flip-summed 10-fold accuracy of ``prefix,epoch`` and of raw pixels on ``pack_path``.
 
+    The checkpoint is cut at ``fc1_output`` by ``eval.inference.load_embedding_module`` and verified with
+    ``eval.verification.test`` (what ``python -m eval.verification`` runs).
+
     Returns ``{"model": (acc, std), "pixels": (acc, std)}``.
     """
     import mxnet as mx
 
     from eval import verification
-    from recognition.checkpoints import load_checkpoint
     data_set = verification.load_bin(pack_path, image_size)
-    sym, arg_params, aux_params = load_checkpoint(prefix, epoch)
-    emb = sym.get_internals()["fc1_output"]
-    model = mx.mod.Module(symbol=emb, context=mx.cpu(), label_names=None)
-    model.bind(data_shapes=[("data", (batch_size, 3) + tuple(image_size))], for_training=False)
-    model.set_params(arg_params, aux_params, allow_missing=False, allow_extra=True)
+    model = verification.load_embedding_module(prefix, epoch, mx.cpu(), batch_size, image_size)
     _, _, acc, std, _, _ = verification.test(data_set, model, batch_size, 10)
     pixel = verification.pixel_baseline(data_set, nfolds=10)
     return {"model": (float(acc), float(std)), "pixels": (float(pixel.acc2), float(pixel.std2))}
@@ -113,8 +74,6 @@ def main(argv=None):
     parser.add_argument("--validation-split", type=int, default=0, metavar="K",
                         help="recipe selection: verify on K of the 30 TRAINING people instead of the held-out 10")
     parser.add_argument("--cache-dir", default=None, help="where the ORL wheel is cached")
-    parser.add_argument("--affine", action="store_true",
-                        help="recipe exploration: add RandomAffine (not in the chosen recipe, see configs/orl_demo.py)")
     parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of configs/orl_demo.py (recipe exploration)")
     args = parser.parse_args(argv)
@@ -138,7 +97,7 @@ def main(argv=None):
         overrides["max_steps"] = args.max_steps
     config = load_config(PRESET, overrides)
     train_start = time.time()
-    result = fit(config, make_train_iter=lambda c, m, ctx: make_train_iter(c, m, ctx, affine=args.affine))
+    result = fit(config)
     train_time = time.time() - train_start
     scores = evaluate_checkpoint(result.prefix, 0, os.path.join(data_dir, "orl.bin"),
                                  tuple(config.image_shape[:2]))
