@@ -31,7 +31,7 @@ Adding a backbone or a head is one decorated function in one file::
 
     @register_head("toy_cosface", preset={"loss_s": 30.0, "loss_m1": 1.0, "loss_m2": 0.0, "loss_m3": 0.2})
     def toy_cosface(embedding, label, num_classes, weight, s, m3, dtype="float32", **_):
-        return margin_softmax_logits(embedding, label, num_classes, weight, s=s, m3=m3, dtype=dtype)
+        return margin_softmax_logits(embedding, label, num_classes, weight, s=s, m1=1.0, m2=0.0, m3=m3, dtype=dtype)
 
 Once the module defining it is imported, ``--loss toy_cosface`` is accepted by ``recognition.config`` and
 built by ``symbols.get_symbol``.

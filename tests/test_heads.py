@@ -1,4 +1,8 @@
-"""Loss heads vs independent numpy per-sample formulas (spec §6, §15), gradients, triplet, get_symbol wiring."""
+"""Loss heads vs independent numpy per-sample formulas, gradients, triplet, get_symbol wiring.
+
+Formulas: insightface HEAD 7fadd420 recognition/arcface_mxnet/train.py (margin_softmax, triplet/atriplet) and OLD
+src/train_softmax.py --loss-type 4 (0972924a); presets from HEAD recognition/arcface_mxnet/sample_config.py.
+"""
 import json
 import math
 
@@ -14,7 +18,7 @@ C, D, B = 5, 4, 6
 
 # ----------------------------------------------------------------------------- numpy references
 def np_target_logit(head, cos_t, s=64.0, m1=1.0, m2=0.5, m3=0.0, easy_margin=0):
-    """Target logit of one sample from its cos(theta), written from the papers/spec formulas."""
+    """Target logit of one sample from its cos(theta), written from the papers' / upstream formulas."""
     theta = math.acos(cos_t)
     if head == "nsoftmax":
         return s * cos_t
@@ -75,8 +79,8 @@ def vectors_with_cos(cos_values):
     return x, w
 
 
-# ----------------------------------------------------------------------------- spec §15 vectors
-SPEC_15 = {  # cos_t 0.5, 0.0, -0.9, 0.99 at s=64
+# ----------------------------------------------------------------------------- hand-computed reference vectors
+REFERENCE_LOGITS = {  # cos_t 0.5, 0.0, -0.9, 0.99 at s=64
     "nsoftmax": [32.0, 0.0, -57.6, 63.36],
     "arcface": [1.5102, -30.6832, -63.9233, 51.2752],
     "arcface_v1": [1.5102, -30.6832, -72.9416, 51.2752],
@@ -86,10 +90,10 @@ SPEC_15 = {  # cos_t 0.5, 0.0, -0.9, 0.99 at s=64
 }
 
 
-@pytest.mark.parametrize("head", sorted(SPEC_15))
-def test_spec_15_target_logits(head):
+@pytest.mark.parametrize("head", sorted(REFERENCE_LOGITS))
+def test_reference_target_logits(head):
     cos_values = [0.5, 0.0, -0.9, 0.99]
-    for cos_t, expected in zip(cos_values, SPEC_15[head]):
+    for cos_t, expected in zip(cos_values, REFERENCE_LOGITS[head]):
         x, w = vectors_with_cos([cos_t])
         sym = logits_symbol(head, num_classes=1, emb_size=2, **HEAD_MARGINS[head])
         got = forward(sym, data=x.astype(np.float32), fc7_weight=w.astype(np.float32),
@@ -336,7 +340,7 @@ def test_get_symbol_errors():
 
 
 # ----------------------------------------------------------------------------- presets, legacy table
-def test_head_presets_match_spec():
+def test_head_presets_match_upstream():
     expect = {"nsoftmax": (64, 1, 0, 0), "arcface": (64, 1, 0.5, 0), "cosface": (64, 1, 0, 0.35),
               "combined": (64, 1, 0.3, 0.2), "sphereface": (64, 1.5, 0, 0), "arcface_v1": (64, 1, 0.5, 0)}
     for name, (s, m1, m2, m3) in expect.items():
