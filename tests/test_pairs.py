@@ -57,10 +57,39 @@ def test_all_distinct_pairs_can_be_used_exactly():
     assert genuine == {(0, 1), (2, 3), (4, 5), (6, 7)}
 
 
-def test_large_identity_set_uses_rejection_path():
+def _count_calls(monkeypatch, module, names):
+    calls = {name: 0 for name in names}
+    for name in names:
+        original = getattr(module, name)
+
+        def wrapper(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_large_identity_set_uses_rejection_path(monkeypatch):
+    from iterators.formats import pairs as pairs_module
+    calls = _count_calls(monkeypatch, pairs_module, ["_draw_genuine_rejection", "_draw_impostor_rejection",
+                                                     "_enumerate_genuine", "_enumerate_impostor"])
     labels = np.repeat(np.arange(2000), 20)  # 380k genuine pairs > enumeration limit
+    assert pairs_module._genuine_capacity(pairs_module._group_by_label(labels)) > pairs_module._ENUMERATE_LIMIT
     pairs, issame = sample_pairs(labels, 200, nfolds=10, seed=0, identity_disjoint=False)
     _check_layout(labels, pairs, issame, 200, 10)
+    # the rejection samplers drew every pair; nothing was enumerated
+    assert calls == {"_draw_genuine_rejection": 1, "_draw_impostor_rejection": 1,
+                     "_enumerate_genuine": 0, "_enumerate_impostor": 0}
+
+
+def test_small_identity_set_uses_enumeration_path(monkeypatch):
+    from iterators.formats import pairs as pairs_module
+    calls = _count_calls(monkeypatch, pairs_module, ["_draw_genuine_rejection", "_draw_impostor_rejection",
+                                                     "_enumerate_genuine", "_enumerate_impostor"])
+    labels = np.repeat(np.arange(40), 10)
+    sample_pairs(labels, 200, nfolds=10, seed=0, identity_disjoint=False)
+    assert calls == {"_draw_genuine_rejection": 0, "_draw_impostor_rejection": 0,
+                     "_enumerate_genuine": 1, "_enumerate_impostor": 1}
 
 
 @pytest.mark.parametrize("labels,num_pairs,nfolds,match", [
