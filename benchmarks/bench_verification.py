@@ -1,4 +1,5 @@
-"""Verification speed: vectorised ``eval.verification`` vs a per-threshold loop port of insightface.
+"""Verification speed: vectorised ``eval.protocol`` (re-exported by ``eval.verification``) vs a per-threshold
+loop port of insightface's ``recognition/arcface_mxnet/verification.py``.
 
 Run: ``python -m benchmarks.bench_verification [--output benchmarks/results] [--repeats 5]``
 (about half a minute on 2 cores, mostly the loop port).
@@ -11,8 +12,8 @@ Timed, for both implementations:
 1. ``calculate_roc`` with the 400 thresholds ``np.arange(0, 4, 0.01)`` (the printed accuracy);
 2. ``evaluate`` = that ROC + ``calculate_val`` on 4,000 thresholds (VAL@FAR=1e-3).
 
-The loop port below is insightface/FaceNet's algorithm (sklearn ``KFold``, one pass over the pairs
-per threshold, scalar ``dist < threshold``), with ``interp1d`` replaced by the library's documented
+The loop port below is insightface/FaceNet's algorithm (``calculate_roc``, ``calculate_val``, ``LFold`` =
+sklearn ``KFold``; one pass over the pairs per threshold, scalar ``dist < threshold``), with ``interp1d`` replaced by the library's documented
 rule (SciPy >= 1.9 cannot run the original). The benchmark asserts that every returned array and
 number is identical (``np.array_equal`` / ``==``), then writes ``<output>/verification.json``.
 """
