@@ -13,9 +13,9 @@ Timed, for both implementations:
 2. ``evaluate`` = that ROC + ``calculate_val`` on 4,000 thresholds (VAL@FAR=1e-3).
 
 The loop port below is insightface/FaceNet's algorithm (``calculate_roc``, ``calculate_val``, ``LFold`` =
-sklearn ``KFold``; one pass over the pairs per threshold, scalar ``dist < threshold``), with ``interp1d`` replaced by the library's documented
-rule (SciPy >= 1.9 cannot run the original). The benchmark asserts that every returned array and
-number is identical (``np.array_equal`` / ``==``), then writes ``<output>/verification.json``.
+sklearn ``KFold``; one pass over the pairs per threshold, scalar ``dist < threshold``), with ``interp1d``
+replaced by the library's documented rule (SciPy >= 1.9 cannot run the original). The benchmark asserts
+that every returned array and number is identical (``np.array_equal`` / ``==``), then writes ``<output>/verification.json``.
 """
 import argparse
 import json
