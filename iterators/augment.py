@@ -1,4 +1,6 @@
-"""Decoding and augmentation of face images, as insightface's iterators do them (spec §3.2, §4.5).
+"""Decoding and augmentation of face images, as insightface's iterators do them (insightface
+``recognition/arcface_mxnet/image_iter.py``: ``FaceImageIter.next``, ``color_aug``, ``mirror_aug``,
+``compress_aug``; ``triplet_image_iter.py`` ``next`` for the triplet cut-off).
 
 Every function works on HWC RGB numpy arrays. Random decisions are split from their application
 (``draw_*`` take a ``numpy.random.Generator`` and return plain parameters; ``apply_*`` are

@@ -81,7 +81,9 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
     seed : int or None
         Seed of order and augmentation; None = fresh entropy.
     num_classes : int or None
-        C; None reads it from the ``property`` file beside ``path_imgrec``.
+        C (labels must be 0..C-1). None: from the ``property`` file beside ``path_imgrec`` when present,
+        else from the header's identity records (:func:`num_classes_from_identity_records`); a ``.rec``
+        without header and without ``property`` needs it (``FileNotFoundError`` otherwise).
     prefetch : int
         Batches decoded ahead of the consumer.
     ctx_num : int or None
@@ -92,6 +94,9 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
     ``next()`` returns ``mx.io.DataBatch(data=[B x 3 x H x W float32, RGB 0..255],
     label=[B float32 class ids], pad=0)``. An epoch yields ``floor(N / B)`` batches (the incomplete
     last batch is dropped, as upstream); then ``StopIteration`` until ``reset()``.
+
+    Resume: ``state_dict()`` -> JSON-serialisable dict; ``load_state_dict(state)`` on a new iterator built
+    with the same arguments continues exactly where the saved one stood (see :meth:`state_dict`).
     """
 
     def __init__(self, batch_size, data_shape, path_imgrec, shuffle=False, aug_list=None, mean=None,

@@ -188,7 +188,8 @@ class TripletFaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
         if self.reader.header0 is None:
             raise ValueError(
                 f"TripletFaceImageIter: {self.path_imgrec} has no insightface header (record 0 with the identity "
-                "range); triplet mining needs the identity records. Rebuild it with python -m iterators.tools.build_rec")
+                "range); triplet mining needs the identity records. Rebuild it with "
+                "python -m iterators.tools.build_rec")
         self.header0 = self.reader.header0
         self.id2range = dict(self.reader.id2range)
         logger.info("header0 label %s", self.header0)
@@ -307,7 +308,8 @@ class TripletFaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
                 for role in range(3):
                     seq.extend(bag[t[role]] for t in chunk)
             bags += 1
-            stats = {"round": int(self._epoch), "bag": int(self._bags_mined), "images": len(bag), "identities": len(sizes), "pairs": sum(n * (n - 1) // 2 for n in sizes),
+            stats = {"round": int(self._epoch), "bag": int(self._bags_mined), "images": len(bag),
+                     "identities": len(sizes), "pairs": sum(n * (n - 1) // 2 for n in sizes),
                      "triplets": len(triplets), "embed_seconds": round(embed_seconds, 4),
                      "mine_seconds": round(mine_seconds, 4)}
             self._bags_mined += 1

@@ -1,8 +1,9 @@
 """FaceNet semi-hard triplet selection for insightface's triplet training.
 
-insightface's ``FaceImageIter.pick_triplets`` (``recognition/arcface_mxnet/triplet_image_iter.py``) walks every (anchor, positive) pair of every
-class in Python and, for each pair, scans a full row of squared distances for semi-hard negatives.
-The functions here apply exactly the same rule with numpy on chunks of many pairs at once:
+insightface's ``FaceImageIter.pick_triplets`` (``recognition/arcface_mxnet/triplet_image_iter.py``)
+walks every (anchor, positive) pair of every class in Python and, for each pair, scans a full row of
+squared distances for semi-hard negatives. The functions here apply exactly the same rule with numpy
+on chunks of many pairs at once:
 
 * distances are squared Euclidean, ``d(i, j) = ||e_i - e_j||^2`` (in [0, 4] for L2-normalised rows);
 * for every pair ``a < p`` inside one class block, the candidate negatives are the images ``n``

@@ -338,7 +338,8 @@ def test_triplet_resume_equals_straight_run(triplet_data, triplet_straight, work
     calls = []
     real_pick, real_embed = triplet_iter.pick_triplets, TripletFaceImageIter.embed
     monkeypatch.setattr(triplet_iter, "pick_triplets", lambda *a, **kw: (calls.append("pick"), real_pick(*a, **kw))[1])
-    monkeypatch.setattr(TripletFaceImageIter, "embed", lambda self, ids: (calls.append("embed"), real_embed(self, ids))[1])
+    monkeypatch.setattr(TripletFaceImageIter, "embed",
+                        lambda self, ids: (calls.append("embed"), real_embed(self, ids))[1])
     resumed.load_state_dict(state)
     assert calls == []
     assert resumed.triplet_seq == pool and resumed.triplet_cur == pool_cur and resumed.seq == seq
