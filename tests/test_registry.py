@@ -245,10 +245,12 @@ def test_get_symbol_without_keys_equals_get_symbol_with_base():
 
 # ----------------------------------------------------------------------------- layering
 def test_symbols_imports_neither_configs_nor_recognition():
-    for file in sorted(os.listdir(os.path.join(ROOT, "symbols"))):
-        if not file.endswith(".py"):
-            continue
-        tree = ast.parse(open(os.path.join(ROOT, "symbols", file), encoding="utf-8").read())
+    files = [os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(ROOT, "symbols"))
+             for name in names if name.endswith(".py")]
+    assert len(files) >= 6
+    for file in sorted(files):
+        with open(file, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
         for node in ast.walk(tree):
             names = []
             if isinstance(node, ast.Import):
