@@ -7,9 +7,9 @@ Files in a run directory (prefix ``<run_dir>/model`` by default)
     ``mx.model.load_checkpoint`` reads. With ``ckpt_embedding`` the symbol is cut at ``fc1_output`` and every
     ``fc7*`` argument is dropped (HEAD's deployable format, ``recognition/arcface_mxnet/train.py``).
 ``resume/step-%010d/``
-    Everything needed to continue: ``state.json`` (global step, epoch, batch within the epoch, lr, config and
-    the hooks' states, the saver's best accuracies and save counter among them), ``full.params`` (all args incl.
-    ``fc7`` + aux), ``optimizer.states`` (momentum buffers), ``symbol.json`` (the training symbol, compared on
+    Everything needed to continue: ``state.json`` (global step, epoch, batch within the epoch, lr, config, the
+    running metric sums and the hooks' states, the saver's best accuracies and save counter among them),
+    ``full.params`` (all args incl. ``fc7`` + aux), ``optimizer.states`` (momentum buffers), ``symbol.json`` (the training symbol, compared on
     resume) and ``iterator.json`` (``train_iter.state_dict()``, when the iterator has one). The directory is
     assembled under a temporary name and renamed into place, so it is either complete or absent; the two newest
     are kept.
@@ -296,8 +296,8 @@ class CheckpointSaver(Hook):
       ``prefix-%04d.params`` (+ ``prefix-symbol.json``) as :class:`CheckpointPolicy` decides (``saving %d``),
       then log ``[step]Accuracy-Highest: %1.5f`` (upstream's order).
     * ``after_step``: every ``period`` (``verbose``) global steps, a resume state (parameters incl. fc7,
-      optimizer states, ``state.json`` with the position, config and every hook's ``state_dict()``, the
-      training symbol, ``train_iter.state_dict()``); the ``keep`` newest are kept.
+      optimizer states, ``state.json`` with the position, config, metric sums and every hook's
+      ``state_dict()``, the training symbol, ``train_iter.state_dict()``); the ``keep`` newest are kept.
     * ``after_train``: the final weights as ``prefix-0000.params`` (unless ``ckpt=0``; HEAD ``train_parall``
       also saves epoch 0 at ``max_steps``), so ``--ckpt 3`` keeps the best model in slot 1 and the last one in
       slot 0, and a final resume state.
@@ -388,6 +388,7 @@ class CheckpointSaver(Hook):
         payload = trainer.state.to_json()
         payload["config"] = dict(trainer.config)
         payload["saved_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        payload["metric"] = trainer.metric_state()
         payload["hooks"] = trainer.hook_states()
         get_iter_state = getattr(trainer.train_iter, "state_dict", None)
         self.last_resume_state = save_resume_state(

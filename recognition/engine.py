@@ -349,6 +349,23 @@ class Trainer:
             if name in states:
                 hook.load_state_dict(states[name])
 
+    def metric_state(self):
+        """Running sums of every leaf metric (local and global), saved in the resume state."""
+        return [{"name": leaf.name, "sum_metric": float(leaf.sum_metric), "num_inst": int(leaf.num_inst),
+                 "global_sum_metric": float(leaf.global_sum_metric), "global_num_inst": int(leaf.global_num_inst)}
+                for leaf in hooks_lib.leaf_metrics(self.metric)]
+
+    def load_metric_state(self, states):
+        """Restore :meth:`metric_state` (so a run resumed mid-epoch logs the values a straight run logs)."""
+        leaves = hooks_lib.leaf_metrics(self.metric)
+        if [s["name"] for s in states] != [leaf.name for leaf in leaves]:
+            logger.info("resume: metrics %s differ from the saved %s; they restart from zero",
+                        [leaf.name for leaf in leaves], [s["name"] for s in states])
+            return
+        for leaf, saved in zip(leaves, states):
+            leaf.sum_metric, leaf.num_inst = saved["sum_metric"], saved["num_inst"]
+            leaf.global_sum_metric, leaf.global_num_inst = saved["global_sum_metric"], saved["global_num_inst"]
+
     def _call(self, event):
         for hook in self.hooks:
             getattr(hook, event)(self)
@@ -515,6 +532,8 @@ def _train(cfg, run_dir, module, symbol, train_iter, metrics, state, resume, sav
                       batch_size=batch_size)
     if resume:
         trainer.load_hook_states(resume.hook_states)
+        if state.nbatch:
+            trainer.load_metric_state(resume.state.get("metric", []))
         restore_data_position(train_iter, resume.iterator_state(), state.epoch, state.nbatch)
     try:
         stopped = trainer.train()

@@ -117,7 +117,8 @@ class Speedometer(Hook):
 
     ``Epoch[%d] Batch [%d-%d]\\tSpeed: %.2f samples/sec\\tacc=%f...`` every ``frequent`` batches of an epoch
     (not at its first batch), speed = ``frequent * batch_size / seconds`` since the previous report (global
-    samples/s), then ``reset_local()`` of the metric.
+    samples/s), then ``reset_local()`` of the metric. Resumed mid-epoch (the metric's running sums are part of
+    the resume state), it reports at the batches a straight run reports at, timing from ``before_train``.
     """
 
     def __init__(self, batch_size, frequent):
@@ -125,6 +126,11 @@ class Speedometer(Hook):
         self.frequent = frequent
         self.tic = None
         self.last_count = -1
+
+    def before_train(self, trainer):
+        if trainer.state.nbatch:
+            self.tic = time.time()
+            self.last_count = trainer.state.nbatch - 1
 
     def after_step(self, trainer):
         count = trainer.state.nbatch - 1  # 0-based batch index, as Module.fit's BatchEndParam.nbatch
@@ -151,12 +157,13 @@ class Speedometer(Hook):
         self.tic = time.time()
 
 
-def _leaf_metrics(metric):
+def leaf_metrics(metric):
+    """The leaf metrics of a (possibly composite) ``mx.metric.EvalMetric``, in order."""
     if metric is None:
         return []
     children = getattr(metric, "metrics", None)
     if isinstance(children, list):
-        return [leaf for child in children for leaf in _leaf_metrics(child)]
+        return [leaf for child in children for leaf in leaf_metrics(child)]
     return [metric]
 
 
@@ -172,7 +179,7 @@ class NonFiniteGuard(Hook):
 
     def after_step(self, trainer):
         bad = []
-        for leaf in _leaf_metrics(trainer.metric):
+        for leaf in leaf_metrics(trainer.metric):
             if leaf.num_inst == 0:  # just reset by the Speedometer: 0/0, not a training failure
                 continue
             bad += [f"{n}={v}" for n, v in leaf.get_name_value() if isinstance(v, float) and not math.isfinite(v)]

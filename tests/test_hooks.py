@@ -135,6 +135,9 @@ class _Trainer:
     def hook_states(self):
         return {}
 
+    def metric_state(self):
+        return []
+
 
 def _bound_module():
     symbol = tiny_symbol()
