@@ -3,7 +3,8 @@
 
 A preset (``configs/<name>.py``) sets only what differs; ``--config FILE`` loads the preset on top
 of this file and CLI flags (insightface's kebab-case names) override both. Units and valid values
-are given per key. ``symbols.get_symbol`` also reads its missing keys from here.
+are given per key. ``symbols`` keeps equal defaults of its own for the keys it reads (it never imports
+configs/); tests/test_registry.py checks that the two agree.
 """
 from easydict import EasyDict as edict
 
@@ -12,7 +13,7 @@ config = edict()
 # ---------------------------------------------------------------- network (symbols/)
 config.network = "r100"          # registry key: r18 r34 r50 r100 r152 (fresnet "LResNet-E-IR"), y1 y2 (MobileFaceNet)
 config.net_input = 1             # fresnet stem: 0 = 7x7/2 conv, 1 = 3x3/1 conv (insightface default), 2 = bn_data + 3x3/1
-config.net_output = "E"          # embedding head get_fc1 type: E GDC F G H I J Z FC (y1/y2 presets use GDC)
+config.net_output = "E"          # embedding head (fc type registry): E GDC GAP GNAP F G H I J Z FC (y1/y2 use GDC)
 config.net_unit = 3              # fresnet residual unit version: 1, 2, 3 ("IR" block, default)
 config.net_se = 0                # 1 = squeeze-and-excitation in every residual unit
 config.net_act = "prelu"         # activation: prelu (per-channel slope *_gamma, init 0.25) or any mx Activation type
