@@ -1,6 +1,10 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
 # Both create (or refresh) the project-local virtualenv $(VENV), install the package with the
 # CPU or GPU MXNet wheel (GPU when nvidia-smi sees one), then run.
+# GPU installs need only the NVIDIA driver: the `gpu` extra brings the CUDA 11 / cuDNN 8 / NCCL wheels and
+# `eval.cuda_preload install` adds an import hook to the venv so `import mxnet` finds them (CPU installs
+# remove it). `make doctor` reports driver, CUDA libraries, MXNet build features, GPUs and threads;
+# `make doctor VENV=/path/to/venv` inspects another venv without installing anything into it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,15 +14,17 @@ PYTEST_ARGS ?=
 MXNET_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(MXNET_EXTRA)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench doctor clean
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py eval/cuda_preload.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23"
 	$(PY) -m pip install --quiet -e ".[$(MXNET_EXTRA),test]"
-	$(PY) -c "import mxnet, numpy; print('mxnet', mxnet.__version__, 'numpy', numpy.__version__)"
+	$(PY) -m eval.cuda_preload $(if $(filter gpu,$(MXNET_EXTRA)),install,uninstall)
+	$(PY) -c "import mxnet, numpy; print('mxnet', mxnet.__version__, 'numpy', numpy.__version__)" \
+		|| { $(PY) -m eval.doctor; exit 1; }
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -31,10 +37,14 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-BENCHMARKS := bench_iterator bench_verification bench_triplet_mining bench_prelu bench_train
+BENCHMARKS := bench_iterator bench_verification bench_triplet_mining bench_prelu bench_train bench_threads
 
 bench: install
 	for b in $(BENCHMARKS); do $(PY) -m benchmarks.$$b || exit 1; done
+
+# Installs first only when $(VENV) does not exist yet (so another venv is inspected as it is).
+doctor: $(if $(wildcard $(PY)),,install)
+	$(PY) -m eval.doctor
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache build *.egg-info
