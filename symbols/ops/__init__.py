@@ -148,7 +148,11 @@ def prelu(data, name, num_channels, ndim=4, gamma=None):
 
 
 def call_counts():
-    """{'forward': n, 'backward': n, 'last_threads': t}: C++ kernel calls since load/reset (zeros if not loaded)."""
+    """{'forward': n, 'backward': n, 'last_threads': t}: C++ kernel calls since load/reset (zeros if not loaded).
+
+    Waits for all pending MXNet work first (``mx.nd.waitall``), since operators run asynchronously.
+    """
+    mx.nd.waitall()
     cdll = _state["cdll"]
     if cdll is None:
         return {"forward": 0, "backward": 0, "last_threads": 0}
@@ -157,6 +161,7 @@ def call_counts():
 
 
 def reset_call_counts():
-    """Zero the C++ call counters."""
+    """Zero the C++ call counters (after waiting for pending MXNet work)."""
+    mx.nd.waitall()
     if _state["cdll"] is not None:
         _state["cdll"].fused_prelu_reset_counts()

@@ -96,6 +96,9 @@ def _fast_prelu_template(name, num_channels):
     data = mx.sym.Variable(_DATA_VAR)
     gamma = mx.sym.Variable(_GAMMA_VAR)
     doc = json.loads(fast_prelu(data, gamma, name, num_channels).tojson())
+    for node in doc["nodes"]:  # auto-named nodes (fast_prelu's Flatten) get a deterministic name
+        if node["op"] != "null" and not node["name"].startswith(name):
+            node["name"] = f"{name}_{node['op'].lower()}"
     return doc["nodes"], _num_outputs(doc), doc["heads"][0]
 
 
