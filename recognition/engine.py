@@ -281,7 +281,7 @@ def restore_data_position(train_iter, iterator_state, epochs, nbatch):
     if epochs or nbatch:
         why = ("the resume state has no iterator state (the iterator had no state_dict())"
                if iterator_state is None else f"{type(train_iter).__name__} has no load_state_dict()")
-        logger.info("resume: %s; replaying the data order (%d epoch(s) + %d batch(es))", why, epochs, nbatch)
+        logger.warning("resume: %s; replaying the data order (%d epoch(s) + %d batch(es))", why, epochs, nbatch)
     _fast_forward(train_iter, epochs, nbatch)
     return "replay"
 
