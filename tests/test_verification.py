@@ -461,8 +461,12 @@ def test_training_module_on_7_pair_pack(tmp_path, caplog):
 
 
 def test_verification_callback_on_uneven_pack_sees_live_weights(tmp_path):
-    # the engine's train-time verifier: VerificationCallback(test) on the training Module, nfolds 10
-    from recognition.callbacks import VerificationCallback
+    # the engine's train-time verifier (hooks.PeriodicVerification, formerly callbacks.VerificationCallback):
+    # eval.verification.test on the training Module, nfolds 10
+    try:
+        from recognition.hooks import PeriodicVerification as VerificationCallback
+    except ImportError:
+        from recognition.callbacks import VerificationCallback
     data_set, _ = _pack_on_disk(tmp_path, 23, seed=2)
     mod = _training_like_module(8)
     callback = VerificationCallback([("odd", data_set)], 8, 1, ver.test)
