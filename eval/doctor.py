@@ -166,8 +166,11 @@ def verdict(report):
         return f"CPU build: import mxnet fails: {mx_report['error']}"
     if mx_report["imported"]:
         gpus = mx_report.get("gpus")
-        return (f"GPU build (mxnet {mx_report['version']}) ready; MXNet sees {gpus if gpus is not None else '?'} GPU(s)"
-                + (f" ({mx_report['gpus_error']})" if mx_report.get("gpus_error") else ""))
+        if gpus:
+            return f"GPU build (mxnet {mx_report['version']}) ready; MXNet sees {gpus} GPU(s)"
+        return (f"GPU build (mxnet {mx_report['version']}) imports, but MXNet sees no GPU"
+                + (f" ({mx_report['gpus_error']})" if mx_report.get("gpus_error") else "")
+                + "; check the driver with nvidia-smi (training falls back to --ctx cpu)")
     if set(missing) <= {cuda_preload.DRIVER_LIBRARY} and not cuda_missing:
         return ("GPU build: every CUDA library found; only the NVIDIA driver (libcuda.so.1) is missing -- "
                 "install the driver (it provides libcuda.so.1 and nvidia-smi)")
@@ -184,7 +187,9 @@ def format_report(r):
                + (f"  [{drv['libcuda_error']}]" if drv["libcuda_error"] else ""))
     out.append(f"              nvidia-smi -L: {drv['nvidia_smi'] or 'nvidia-smi not found'}")
     present = [row for row in r["cuda_libraries"] if row["path"]]
-    if not r["gpu_build"]:
+    if r["gpu_build"]:
+        out.append(f"CUDA libraries {len(present)} of {len(r['cuda_libraries'])} found")
+    else:
         out.append(f"CUDA libraries not needed by the CPU build ({len(present)} of {len(r['cuda_libraries'])} present)")
     for row in r["cuda_libraries"] if r["gpu_build"] else []:
         where = f"{row['path']} ({row['origin']})" if row["path"] else f"missing (pip: {row['wheel']})"
