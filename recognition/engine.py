@@ -97,8 +97,7 @@ def resolve_run_config(config):
             logger.info("image_shape %s taken from %s", [height, width], prop)
             cfg.image_shape = [height, width, 3]
     elif cfg.num_classes == 0 and cfg.loss not in ("triplet", "atriplet"):
-        raise ConfigError(f"num_classes=0 and no property file at {prop}: set --data-dir to a dataset directory "
-                          "(train.rec, train.idx, property) or give --num-classes")
+        cfg.num_classes = _num_classes_from_rec(cfg.dataset_path, prop)
     if cfg.resume:
         run_dir = cfg.resume
     elif cfg.prefix:
@@ -108,6 +107,25 @@ def resolve_run_config(config):
     if not cfg.prefix:
         cfg.prefix = os.path.join(run_dir, "model")
     return cfg, os.fspath(run_dir)
+
+
+def _num_classes_from_rec(dataset_path, prop):
+    """Without ``property``, insightface's iterator needs only train.rec/.idx: count the classes from the
+    header's identity records (no image is decoded)."""
+    from iterators.face_iter import num_classes_from_identity_records
+    from iterators.formats.recordio import FaceRecordReader
+    path_imgrec = os.path.join(dataset_path, "train.rec")
+    if not os.path.isfile(path_imgrec):
+        raise ConfigError(f"num_classes=0 and no property file at {prop}: set --data-dir to a dataset directory "
+                          "(train.rec, train.idx[, property]) or give --num-classes")
+    with FaceRecordReader(path_imgrec) as reader:
+        try:
+            num_classes = num_classes_from_identity_records(reader)
+        except ValueError as exc:
+            raise ConfigError(f"num_classes=0, no property file at {prop} and {exc}; give --num-classes") from None
+    logger.info("num_classes %d counted from the identity records of %s (no property file)", num_classes,
+                path_imgrec)
+    return num_classes
 
 
 @contextlib.contextmanager
