@@ -2,7 +2,6 @@
 import pathlib
 import re
 
-
 import symbols
 from symbols.registry import NETWORKS
 
