@@ -363,8 +363,22 @@ class ThreadSetting:
         return asdict(self)
 
 
+def cpu_workers(ctx):
+    """Engine workers computing at once for a context spec: ``"cpu:N"`` -> N, a list of ``mx.Context`` -> its
+    CPU contexts (each CPU context has its own engine worker); anything else (GPU, "", None) -> 1."""
+    if ctx is None or ctx == "":
+        return 1
+    if isinstance(ctx, str):
+        kind, _, count = ctx.strip().partition(":")
+        return max(1, _positive_int(count) or 1) if kind == "cpu" else 1
+    try:
+        return max(1, sum(1 for c in ctx if getattr(c, "device_type", "") == "cpu"))
+    except TypeError:
+        return 1
+
+
 def configure_threads(num_threads=None, workers=None, processes=None, environ=None, verify=True, log=True,
-                      affinity=None, quota="detect"):
+                      affinity=None, quota="detect", ctx=None):
     """Make MXNet use the usable CPU cores; return a :class:`ThreadSetting` and log it in one line.
 
     Call at the start of an entry point's ``main()``, before the first NDArray operation (``import mxnet``
@@ -374,14 +388,18 @@ def configure_threads(num_threads=None, workers=None, processes=None, environ=No
     Parameters
     ----------
     num_threads : int, optional. An explicit thread count (e.g. a ``--threads`` flag) instead of the cores.
-    workers : int, optional. Engine workers computing at once, e.g. the number of CPU contexts of
-        ``--ctx cpu:N`` (each context has its own worker); default ``MXNET_CPU_WORKER_NTHREADS`` or 1.
+    workers : int, optional. Engine workers computing at once; default from ``ctx``, else
+        ``MXNET_CPU_WORKER_NTHREADS`` or 1.
+    ctx : str or list of mx.Context, optional. The training contexts (``config.ctx``: ``"cpu:N"`` trains N
+        CPU contexts, each with its own engine worker, so each gets ``cores / N`` threads).
     processes : int, optional. Processes of the job on this node; default from Horovod/MPI variables.
     environ : mapping, default ``os.environ`` (written when the choice is applied before ``import mxnet``).
     verify : bool. Read the thread count back from an engine worker (imports mxnet).
     affinity, quota : injection points for tests (CPU count; cores or None); default: detected.
     """
     environ = os.environ if environ is None else environ
+    if workers is None and cpu_workers(ctx) > 1:
+        workers = cpu_workers(ctx)
     with _LOCK:
         affinity = affinity_cpus() if affinity is None else int(affinity)
         quota = cgroup_cpu_quota() if quota == "detect" else quota

@@ -125,6 +125,14 @@ def test_choose_threads(cpus, environ, kwargs, threads, source, apply):
     assert (choice.omp_threads, choice.source, choice.apply) == (threads, source, apply)
 
 
+@pytest.mark.parametrize("ctx, expected", [
+    (None, 1), ("", 1), ("cpu", 1), ("cpu:4", 4), ("cpu:x", 1), ("gpu:2", 1),
+    ([type("C", (), {"device_type": "cpu"})()] * 3, 3), ([type("C", (), {"device_type": "gpu"})()] * 2, 1),
+])
+def test_cpu_workers_of_a_context_spec(ctx, expected):
+    assert runtime.cpu_workers(ctx) == expected
+
+
 @pytest.mark.parametrize("environ, expected", [
     ({}, 1), ({"HOROVOD_LOCAL_SIZE": "2"}, 2), ({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, 4), ({"LOCAL_WORLD_SIZE": "x"}, 1),
 ])
@@ -183,7 +191,7 @@ _PROBE = """
 """
 
 
-def _probe(mode, env=None, kwargs="", reps=12, affinity=None):
+def _probe(mode, env=None, kwargs="", reps=8, affinity=None):
     return _run_python(_PROBE.format(mode=mode, kwargs=kwargs, reps=reps), env=env, affinity=affinity)
 
 
@@ -234,6 +242,12 @@ def test_user_thread_variable_is_respected(var):
 def test_affinity_of_the_process_is_respected():
     result = _probe("after", affinity={sorted(os.sched_getaffinity(0))[0]}, reps=4)
     assert result["setting"]["affinity"] == 1 and result["setting"]["omp_threads"] == 1
+    assert result["worker"] == 1
+
+
+def test_cpu_contexts_share_the_cores():
+    result = _probe("after", kwargs="ctx='cpu:2', affinity=2, quota=None", reps=2)
+    assert result["setting"]["workers"] == 2 and result["setting"]["omp_threads"] == 1
     assert result["worker"] == 1
 
 
