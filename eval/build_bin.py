@@ -1,6 +1,7 @@
 """Build insightface verification packs (``<name>.bin``) from your own aligned face images.
 
-Three sources (USERS.md pain point #6: the upstream ``*2pack.py`` tools are gone or need a detector):
+Three sources (insightface's ``src/data/lfw2pack.py`` and ``build_eval_pack.py`` are gone from its tree or need a
+face detector):
 
 * ``--pairs pairs.txt --data-dir DIR``: an explicit pair list.
   ``--pairs-format lfw`` (default) is LFW's ``pairs.txt``: the first line (``10 300``) is skipped;

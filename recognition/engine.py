@@ -57,6 +57,7 @@ LOG_FILE = "training.log"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
 LR_DECAY_FACTOR = 0.1  # insightface: lr *= 0.1 at every lr step
+VERIFICATION_FOLDS = 10  # insightface verifies with 10 contiguous folds (LFold)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
@@ -206,9 +207,11 @@ def load_verification_sets(cfg):
         if not os.path.isfile(path):
             logger.info("verification pack %s not found, skipped", path)
             continue
-        from eval.verification import load_bin
+        from eval.verification import check_folds, load_bin
         logger.info("ver %s", name)
-        sets.append((name, load_bin(path, tuple(cfg.image_shape[:2]))))
+        data_set = load_bin(path, tuple(cfg.image_shape[:2]))
+        check_folds(len(data_set[1]), VERIFICATION_FOLDS, path)  # fail at start-up, not at the first verification
+        sets.append((name, data_set))
     return sets
 
 
@@ -436,7 +439,8 @@ def default_hooks(cfg, batch_size, ver_sets, verification_test, last_good=None):
         hooks_lib.NonFiniteGuard(last_good=last_good),
         hooks_lib.Speedometer(batch_size, cfg.frequent),
         hooks_lib.LrLogger(),
-        hooks_lib.PeriodicVerification(ver_sets, batch_size, cfg.verbose, verification_test),
+        hooks_lib.PeriodicVerification(ver_sets, batch_size, cfg.verbose, verification_test,
+                                       nfolds=VERIFICATION_FOLDS),
         hooks_lib.MaxSteps(cfg.max_steps),
     ]
 
@@ -479,7 +483,11 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol, user_hooks):
         resume = saver.load_latest(symbol)
         logger.info("resuming %s from global step %d (%s)", run_dir, resume.state["global_step"], resume.path)
         _truncate_records(os.path.join(run_dir, METRICS_FILE), resume.state["global_step"])
-    module = mx.mod.Module(symbol=symbol, context=contexts, data_names=("data",), label_names=("softmax_label",))
+    if cfg.model_parallel or cfg.sample_rate < 1.0:  # fc7 split by class over the contexts (+ Partial FC)
+        from recognition.model_parallel import ModelParallelModule
+        module = ModelParallelModule(symbol, contexts, cfg)
+    else:
+        module = mx.mod.Module(symbol=symbol, context=contexts, data_names=("data",), label_names=("softmax_label",))
     module.bind(data_shapes=[("data", (batch_size, 3, height, width))],
                 label_shapes=[("softmax_label", (batch_size,))], for_training=True)
     initializer = _initializer(cfg)

@@ -1,4 +1,4 @@
-"""AccMetric / LossValueMetric vs hand-computed values (spec §7), incl. global vs local statistics."""
+"""AccMetric / LossValueMetric vs hand-computed values (insightface recognition/arcface_mxnet/metric.py), incl. global vs local statistics."""
 import mxnet as mx
 import numpy as np
 import pytest
