@@ -11,12 +11,13 @@
 // Inputs: data (B, C, ...) float32 (2-D (B, C) and 4-D (B, C, H, W) are the cases the nets use; any rank >= 2
 // works), gamma (C,) float32. Output: (B, C, ...). Optional attribute num_channels (checked against C).
 // Parallel: OpenMP over the B*C planes (forward and backward); dgamma is reduced deterministically: each plane's
-// partial sum (double) is computed by one thread in a fixed order, then summed over b in order per channel, so
+// partial sum (float blocks of 512 accumulated in double) is computed by one thread in a fixed order, then summed over b in order per channel, so
 // the result does not depend on the number of threads.
 // Gradient at x == 0 matches relu(x) + gamma*(x - relu(x)) (symbols/common.py fast_prelu): dx = gamma*dy.
 // grad_req 'add' is not available through the library API: gradients are written, never accumulated.
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -56,25 +57,37 @@ namespace {
 #define PRELU_CLONES
 #endif
 
+// The loops are written so that GCC vectorizes them (checked with -fopt-info-vec; symbols/ops/build.py compiles
+// with -fno-trapping-math, without which the backward select stays a branch and ran ~30x slower on random signs):
+// forward as max(x, 0) + a * min(x, 0) (exact: one term is 0; NaN propagates), backward with both branches
+// computed and then selected.
 PRELU_CLONES
 void plane_forward(const float* x, float* y, float a, int64_t n) {
-#pragma omp simd
   for (int64_t s = 0; s < n; ++s) {
     const float v = x[s];
-    y[s] = v > 0.f ? v : a * v;
+    y[s] = std::max(v, 0.f) + a * std::min(v, 0.f);
   }
 }
 
+// Returns sum over the plane of (x > 0 ? 0 : dy * x): float partial sums over blocks of 512 (vectorized, fixed
+// order for a given build and CPU), accumulated in double.
 PRELU_CLONES
 double plane_backward(const float* x, const float* dy, float* dx, float a, int64_t n) {
   double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t s = 0; s < n; ++s) {
-    const float v = x[s];
-    const float d = dy[s];
-    const bool pos = v > 0.f;
-    dx[s] = pos ? d : a * d;
-    acc += pos ? 0.0 : static_cast<double>(d) * static_cast<double>(v);
+  for (int64_t s0 = 0; s0 < n; s0 += 512) {
+    const int64_t e = n - s0 < 512 ? n : s0 + 512;
+    float part = 0.f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t s = s0; s < e; ++s) {
+      const float v = x[s];
+      const float d = dy[s];
+      const float ad = a * d;
+      const float prod = d * v;
+      const bool pos = v > 0.f;
+      dx[s] = pos ? d : ad;
+      part += pos ? 0.f : prod;
+    }
+    acc += part;
   }
   return acc;
 }
@@ -112,7 +125,10 @@ MXReturnValue forward(const std::unordered_map<std::string, std::string>& attrs,
       if (b == 0) used = omp_get_num_threads();
       const float* xr = x + b * C;
       float* yr = y + b * C;
-      for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] > 0.f ? xr[c] : g[c] * xr[c];
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = xr[c];
+        yr[c] = std::max(v, 0.f) + g[c] * std::min(v, 0.f);
+      }
     }
   } else {
 #pragma omp parallel for schedule(static)
@@ -152,7 +168,12 @@ MXReturnValue backward(const std::unordered_map<std::string, std::string>& attrs
         const float* xr = x + b * C;
         const float* dr = dy + b * C;
         float* dxr = dx + b * C;
-        for (int64_t c = 0; c < C; ++c) dxr[c] = xr[c] > 0.f ? dr[c] : g[c] * dr[c];
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float d = dr[c];
+          const float gd = g[c] * d;
+          dxr[c] = xr[c] > 0.f ? d : gd;
+        }
       }
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < C; ++c) {
