@@ -395,3 +395,23 @@ def test_concurrent_builds_do_not_race(tmp_path):
     files = sorted(os.listdir(tmp_path / "ops"))
     assert [f for f in files if f.endswith(".so")] == [os.path.basename(paths.pop())], files
     assert not [f for f in files if f.endswith(".tmp")], files
+
+
+def test_grad_req_null_respected_and_add_overwrites(op_loaded):
+    """Documents the library-API limit: grad_req 'null' leaves the buffer alone, 'add' overwrites (not accumulates)."""
+    sym = ops.prelu_op(mx.sym.Variable("data"), mx.sym.Variable("g"), "p")
+    rng = np.random.RandomState(2)
+    x, dy = rng.randn(2, 3, 4, 4).astype(np.float32), rng.randn(2, 3, 4, 4).astype(np.float32)
+    gamma = np.array([0.1, 0.5, -0.2], np.float32)
+    _, dx_ref, dg_ref = reference(x, gamma, dy)
+    for req in ({"data": "write", "g": "null"}, {"data": "add", "g": "add"}):
+        args = {"data": mx.nd.array(x), "g": mx.nd.array(gamma)}
+        grads = {k: mx.nd.ones(v.shape) for k, v in args.items()}
+        ex = sym.bind(mx.cpu(), args, args_grad=grads, grad_req=req)
+        ex.forward(is_train=True)
+        ex.backward(mx.nd.array(dy))
+        np.testing.assert_allclose(grads["data"].asnumpy(), dx_ref, rtol=1e-6, atol=1e-7)
+        if req["g"] == "null":
+            assert np.array_equal(grads["g"].asnumpy(), np.ones(3, np.float32))
+        else:  # 'add' would give 1 + dgamma; the library API writes dgamma
+            np.testing.assert_allclose(grads["g"].asnumpy(), dg_ref, rtol=1e-5, atol=1e-5)

@@ -23,6 +23,11 @@ Public API
   into the standard ``fast_prelu`` (default) or ``LeakyReLU(prelu)`` graph so a saved ``-symbol.json`` never
   needs the library; :func:`fuse_symbol` does the reverse for a loaded checkpoint symbol;
   :func:`uses_fused_op`; :func:`save_checkpoint` (``mx.model.save_checkpoint`` with a portable symbol).
+
+Limits: float32, CPU only (no GPU kernel: on a GPU context use the graph). The library API does not pass
+``grad_req``: ``'add'`` is NOT honoured (the gradient is overwritten; ``'null'`` is respected), so code that
+accumulates gradients over several backward passes must build the ``fast_prelu`` graph (``INSIGHTFACE_MX_FUSED_PRELU=0``
+or ``symbols.common.fast_prelu``).
 """
 import ctypes
 import logging
@@ -31,7 +36,6 @@ import threading
 
 import mxnet as mx
 
-from ..common import PRELU_INIT, fast_prelu
 from . import build
 from .portable import (OP_NAME, fuse_symbol, portable_json, portable_symbol, save_checkpoint,
                        uses_fused_op)
@@ -140,6 +144,8 @@ def prelu(data, name, num_channels, ndim=4, gamma=None):
     Drop-in for the ``fast=True`` branch of :func:`symbols.common.prelu` (same signature order, same parameter
     name, shape and initialiser; output named ``<name>_output`` in both implementations).
     """
+    from ..common import PRELU_INIT, fast_prelu  # local: symbols.common may import this package at its top
+
     if gamma is None:
         gamma = mx.sym.Variable(name + "_gamma", shape=(num_channels,), init=mx.init.Constant(PRELU_INIT))
     if load():
