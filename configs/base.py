@@ -64,6 +64,11 @@ config.mom = 0.9                 # SGD momentum
 config.kvstore = "device"        # device | local | dist_sync | dist_device_sync
 config.gpus = ""                 # comma list of GPU ids ("" = CPU, or CUDA_VISIBLE_DEVICES when set)
 config.ctx = ""                  # CPU contexts, e.g. "cpu:2" = two cpu contexts (data parallel on CPU)
+config.model_parallel = False    # True: fc7 split by class over the devices (insightface train_parall); backbone
+                                 # data parallel, softmax normalised across the shards; checkpoints keep fc7_weight
+config.sample_rate = 1.0         # Partial FC (insightface partial_fc): per step each shard trains its positive
+                                 # classes + uniform negatives up to sample_rate x its classes; 0 < r <= 1 (< 1
+                                 # implies model_parallel)
 config.max_steps = 0             # stop after this many global batches (0 = no limit)
 config.end_epoch = 10000         # Module.fit num_epoch (effectively unlimited; use max_steps)
 

@@ -216,6 +216,11 @@ def validate(cfg):
         bad("gpus", "must be a comma list of GPU ids such as 0,1")
     if cfg.gpus and cfg.ctx:
         bad("ctx", "give either --gpus or --ctx, not both")
+    if not 0.0 < cfg.sample_rate <= 1.0:
+        bad("sample_rate", "Partial FC sample rate must be in (0, 1] (1 = every class, e.g. 0.1 = 10%)")
+    if (cfg.model_parallel or cfg.sample_rate < 1.0) and _registries()["loss"].lookup(cfg.loss).is_triplet:
+        bad("model_parallel" if cfg.model_parallel else "sample_rate", "model-parallel fc7 / Partial FC need a "
+            "softmax-family loss (a triplet head has no fc7)")
     if cfg.pretrained and cfg.pretrained.count(",") > 1:
         bad("pretrained", "must be 'prefix' or 'prefix,epoch'")
     if _registries()["loss"].lookup(cfg.loss).is_triplet and cfg.per_batch_size % 3:
@@ -376,6 +381,8 @@ def build_arg_parser(description="Train a face-recognition network (insightface 
     add(g, "--gpus", "gpus", help_="GPU ids, e.g. 0,1 (default: CUDA_VISIBLE_DEVICES when GPUs exist, else CPU)")
     add(g, "--ctx", "ctx", help_="CPU contexts: cpu or cpu:N")
     add(g, "--kvstore", "kvstore", help_=" ".join(KVSTORES))
+    add(g, "--model-parallel", "model_parallel", int, "1 = fc7 split by class over the devices (train_parall)")
+    add(g, "--sample-rate", "sample_rate", float, "Partial FC: fraction of each shard's classes trained per step")
 
     g = p.add_argument_group("logging, verification, checkpoints")
     add(g, "--frequent", "frequent", int)
