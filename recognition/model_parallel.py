@@ -95,12 +95,12 @@ class ClassShard:
     step the sampled rows are gathered into the executor, trained, and written back with their momentum.
     """
 
-    def __init__(self, cfg, index, start, stop, ctx, batch_size, sample_rate=1.0, rng=None):
+    def __init__(self, cfg, index, start, stop, ctx, batch_size, sample_rate=1.0, rng=None, always_sample=False):
         self.cfg, self.index, self.start, self.stop, self.ctx = cfg, index, start, stop, ctx
         self.num_classes = stop - start
         self.batch_size = batch_size
         self.emb_size = int(cfg.emb_size)
-        self.sampled = sample_rate < 1.0
+        self.sampled = sample_rate < 1.0 or always_sample
         self.sampler = ClassSampler(self.num_classes, sample_rate, rng) if self.sampled else None
         self._executors = {}
         exe = self._executor(self.sampler.num_sample if self.sampled else self.num_classes)
@@ -221,9 +221,10 @@ class ModelParallelModule(mx.module.BaseModule):
     contexts : list of mx.Context; one fc7 shard per context.
     cfg : the run config (head, margins, ``emb_size``, ``num_classes``, ``per_batch_size``, ``sample_rate``,
         ``seed``).
+    always_sample : run the Partial FC path (gather/scatter of the sampled rows) even at ``sample_rate`` 1.
     """
 
-    def __init__(self, symbol, contexts, cfg, logger=logging):
+    def __init__(self, symbol, contexts, cfg, logger=logging, always_sample=False):
         super().__init__(logger=logger)
         self._symbol = symbol
         self._contexts = list(contexts)
@@ -238,6 +239,7 @@ class ModelParallelModule(mx.module.BaseModule):
         self._optimizer = None
         self._step = None
         self._full_names = [n for n in symbol.list_arguments() if n.startswith("fc7")]
+        self._always_sample = bool(always_sample)  # the Partial FC path even at sample_rate 1 (tests: equal)
 
     # ---------------------------------------------------------------- BaseModule properties
     @property
@@ -289,7 +291,7 @@ class ModelParallelModule(mx.module.BaseModule):
         for i, ctx in enumerate(self._contexts):
             rng = np.random.RandomState(None if seed is None or seed < 0 else seed + 7919 * i)
             self.shards.append(ClassShard(self._cfg, i, self._bounds[i], self._bounds[i + 1], ctx, batch_size,
-                                          self._sample_rate, rng))
+                                          self._sample_rate, rng, self._always_sample))
         logger.info("model parallel fc7: %d classes over %d shard(s) %s%s", self._bounds[-1], len(self.shards),
                     [s.num_classes for s in self.shards],
                     f", Partial FC sample_rate {self._sample_rate}" if self._sample_rate < 1 else "")
