@@ -29,6 +29,11 @@ the engine workers. A thread variable the user set (``OMP_NUM_THREADS``, ``MXNET
 alone; ``MXNET_CPU_WORKER_NTHREADS`` divides the cores among the workers; ``MKL_NUM_THREADS`` /
 ``OPENBLAS_NUM_THREADS`` are never touched.
 
+Shared machines: cores are counted, not load. When other processes already keep the cores busy (load above
+the core count), an OpenMP team waits at every barrier for its descheduled threads: measured here at load ~8
+on 2 cores, r18 x0.25 trained at 19-21 samples/s with 1 thread and 7-11 with 2 (``OMP_WAIT_POLICY=PASSIVE``
+did not help). Set ``OMP_NUM_THREADS=1`` (respected) when sharing a machine that way.
+
 This module imports no project package and imports ``mxnet`` only when needed, so it can run before it.
 """
 import ctypes
