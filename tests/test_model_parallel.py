@@ -181,10 +181,11 @@ def _iter(x, y):
 
 
 def _engine_run(tmp_path, name, x, y, start, **overrides):
-    cfg = head_config("arcface", 10, per_batch_size=4, ctx="cpu:2", lr=0.1, lr_steps=[4], wd=0.0005, mom=0.9,
-                      max_steps=6, frequent=1, verbose=3, ckpt=2, ckpt_embedding=False, loss_s=16.0,
-                      dataset_path=str(tmp_path / "nodata"), prefix=str(tmp_path / name / "model"),
-                      pretrained=f"{start},0", **overrides)
+    keys = dict(per_batch_size=4, ctx="cpu:2", lr=0.1, lr_steps=[4], wd=0.0005, mom=0.9, max_steps=6, frequent=1,
+                verbose=3, ckpt=2, ckpt_embedding=False, loss_s=16.0, dataset_path=str(tmp_path / "nodata"),
+                prefix=str(tmp_path / name / "model"), pretrained=f"{start},0")
+    keys.update(overrides)
+    cfg = head_config("arcface", 10, **keys)
     return fit(cfg, make_train_iter=_iter(x, y), symbol=toy_symbol(cfg))
 
 
