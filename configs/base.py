@@ -64,6 +64,11 @@ config.mom = 0.9                 # SGD momentum
 config.kvstore = "device"        # device | local | dist_sync | dist_device_sync
 config.gpus = ""                 # comma list of GPU ids ("" = CPU, or CUDA_VISIBLE_DEVICES when set)
 config.ctx = ""                  # CPU contexts, e.g. "cpu:2" = two cpu contexts (data parallel on CPU)
+config.dist = "none"             # data parallel across processes/nodes: none | horovod (start with horovodrun) |
+                                 # kvstore (ps-lite; implied by kvstore dist_sync/dist_device_sync, start with
+                                 # python -m recognition.launch); global batch = per_batch_size x devices x ranks
+config.dist_timeout = 1800       # seconds a rank may wait for the others (collective or step) before the job
+                                 # stops naming it; must exceed a verification pass (0 = no watchdog)
 config.model_parallel = False    # True: fc7 split by class over the devices (insightface train_parall); backbone
                                  # data parallel, softmax normalised across the shards; checkpoints keep fc7_weight
 config.sample_rate = 1.0         # Partial FC (insightface partial_fc): per step each shard trains its positive

@@ -216,6 +216,13 @@ def validate(cfg):
         bad("gpus", "must be a comma list of GPU ids such as 0,1")
     if cfg.gpus and cfg.ctx:
         bad("ctx", "give either --gpus or --ctx, not both")
+    if cfg.dist_timeout < 0:
+        bad("dist_timeout", "must be >= 0 seconds (0 = no watchdog)")
+    try:
+        from recognition.distributed import backend_kind
+        backend_kind(cfg.dist, cfg.kvstore)
+    except ValueError as exc:
+        bad("dist" if cfg.dist != "none" else "kvstore", str(exc))
     if not 0.0 < cfg.sample_rate <= 1.0:
         bad("sample_rate", "Partial FC sample rate must be in (0, 1] (1 = every class, e.g. 0.1 = 10%)")
     if (cfg.model_parallel or cfg.sample_rate < 1.0) and _registries()["loss"].lookup(cfg.loss).is_triplet:
@@ -381,6 +388,8 @@ def build_arg_parser(description="Train a face-recognition network (insightface 
     add(g, "--gpus", "gpus", help_="GPU ids, e.g. 0,1 (default: CUDA_VISIBLE_DEVICES when GPUs exist, else CPU)")
     add(g, "--ctx", "ctx", help_="CPU contexts: cpu or cpu:N")
     add(g, "--kvstore", "kvstore", help_=" ".join(KVSTORES))
+    add(g, "--dist", "dist", help_="none | horovod (under horovodrun) | kvstore (ps-lite, under recognition.launch)")
+    add(g, "--dist-timeout", "dist_timeout", int, "seconds a rank waits for the others before the job stops")
     add(g, "--model-parallel", "model_parallel", int, "1 = fc7 split by class over the devices (train_parall)")
     add(g, "--sample-rate", "sample_rate", float, "Partial FC: fraction of each shard's classes trained per step")
 

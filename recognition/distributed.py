@@ -38,14 +38,20 @@ Failures: a rank that raises logs ``rank R/N failed: ...`` and exits non-zero; `
 and, for ps-lite, a watchdog thread that ends the process (naming the rank) when a collective or a training step
 waits longer than ``dist_timeout``; the launcher kills the rest.
 """
+import atexit
+import contextlib
+import gc
 import logging
 import os
 import sys
 import threading
 import time
+import traceback
 
 import mxnet as mx
 import numpy as np
+
+from recognition.hooks import Hook, leaf_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +114,78 @@ def init(kind="none", kvstore="device", timeout=DEFAULT_TIMEOUT):
         logger.info("distributed: %s rank %d/%d (local rank %d/%d)", _CURRENT.describe(), _CURRENT.rank,
                     _CURRENT.size, _CURRENT.local_rank, _CURRENT.local_size)
     return _CURRENT
+
+
+def setup(cfg):
+    """:func:`init` from a run config (``dist``, ``kvstore``, ``dist_timeout``); returns the backend."""
+    kind, kvstore = backend_kind(cfg.dist, cfg.kvstore)
+    if kind == "none" and (_CURRENT is None or isinstance(_CURRENT, NoneBackend)):
+        return current()
+    return init(kind, kvstore, timeout=cfg.dist_timeout)
+
+
+@contextlib.contextmanager
+def quiet_logging():
+    """Ranks other than 0 log warnings and errors only (rank 0 logs what one process logs)."""
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(max(logging.WARNING, root.level))
+    try:
+        yield
+    finally:
+        root.setLevel(old)
+
+
+@contextlib.contextmanager
+def failure_report(dist):
+    """With several ranks: an exception is logged as ``rank R/N failed: ...`` (traceback included) and the process
+    ends at once with status 1, so ``horovodrun`` / ``recognition.launch`` stop the other ranks; a normal interpreter
+    exit could block in Horovod's or ps-lite's shutdown waiting for peers that wait for this rank."""
+    try:
+        yield
+    except BaseException as exc:  # noqa: B902 - every failure must end the rank
+        if dist.size <= 1:
+            raise
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        msg = f"{dist.where()} failed: {type(exc).__name__}: {exc}"
+        logger.error("%s\n%s", msg, text)
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(1 if not isinstance(exc, KeyboardInterrupt) else 130)
+    finally:
+        dist.training_done()
+
+
+class AverageAuxStates(Hook):
+    """Hook (every rank, before verification and checkpointing): :meth:`Backend.average_aux` every ``period`` steps
+    and when training ends, so rank 0 verifies and saves the BatchNorm statistics of all devices of all ranks."""
+
+    def __init__(self, dist, period):
+        self.dist, self.period = dist, int(period)
+
+    def after_step(self, trainer):
+        if trainer.state.global_step % self.period == 0:
+            self.dist.average_aux(trainer.module)
+
+    def after_train(self, trainer):
+        self.dist.average_aux(trainer.module)
+
+
+def rank_hooks(dist, hooks, period, global_batch):
+    """The engine's default hooks for a multi-rank run: the Speedometer counts the global batch; verification
+    (``PeriodicVerification``) runs on rank 0 only; :class:`AverageAuxStates` runs on every rank before it."""
+    from recognition import hooks as hooks_lib
+    out = []
+    for hook in hooks:
+        if isinstance(hook, hooks_lib.Speedometer):
+            hook.batch_size = global_batch
+        if isinstance(hook, hooks_lib.PeriodicVerification):
+            out.append(AverageAuxStates(dist, period))
+            if not dist.is_root:
+                continue
+        out.append(hook)
+    return out
 
 
 def _reset_for_tests():
@@ -238,7 +316,6 @@ class Backend:
         before the update."""
         if self.size == 1:
             return
-        from recognition.hooks import leaf_metrics
         leaves = leaf_metrics(metric)
         after = metric_sums(metric)
         delta = mx.nd.array(np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64),
@@ -253,13 +330,15 @@ class Backend:
     def step_started(self):
         """Called before every training step (the ps-lite watchdog's heartbeat)."""
 
+    def training_done(self):
+        """Training ended (normally or not): stop watching steps."""
+
     def shutdown(self):
         pass
 
 
 def metric_sums(metric):
     """Flat list ``[sum, num, global_sum, global_num] * leaves`` of a (composite) metric."""
-    from recognition.hooks import leaf_metrics
     out = []
     for leaf in leaf_metrics(metric):
         out += [float(leaf.sum_metric), float(leaf.num_inst), float(leaf.global_sum_metric),
@@ -378,6 +457,17 @@ class KVStoreBackend(Backend):
         self.local_size = int(os.environ.get("LOCAL_SIZE", "1"))
         self._inited = set()
         self._watchdog = _Watchdog(self.timeout, self.where)
+        # Free the KVStore (its destructor runs ps-lite's final barrier) before MXNet's own atexit shutdown of
+        # its engine; freed later, during interpreter teardown, the process aborts ("terminate called ...").
+        atexit.register(self.close)
+
+    def close(self):
+        """Wait for pending work and release the KVStore (ps-lite finalises with the other nodes)."""
+        if getattr(self, "kv", None) is None:
+            return
+        mx.nd.waitall()
+        self.kv = None
+        gc.collect()
 
     def describe(self):
         return f"ps-lite {self.type}"
@@ -418,6 +508,9 @@ class KVStoreBackend(Backend):
     def step_started(self):
         self._watchdog.beat()
 
+    def training_done(self):
+        self._watchdog.idle()
+
 
 class _Watchdog:
     """Ends the process (exit 3, naming the rank) when a collective or a step waits longer than ``timeout``.
@@ -447,6 +540,10 @@ class _Watchdog:
                     watchdog._what, watchdog._since = watchdog._prev
         return _Ctx()
 
+    def idle(self):
+        with self._lock:
+            self._what, self._since = None, None
+
     def beat(self):
         with self._lock:
             self._what, self._since = "training step", time.monotonic()
@@ -464,5 +561,6 @@ class _Watchdog:
                 os._exit(3)
 
 
-__all__ = ["BACKENDS", "KVSTORE_DIST", "DistributedError", "backend_kind", "init", "current", "metric_sums",
+__all__ = ["BACKENDS", "KVSTORE_DIST", "DistributedError", "backend_kind", "init", "setup", "current", "metric_sums",
+           "quiet_logging", "failure_report", "rank_hooks", "AverageAuxStates",
            "Backend", "NoneBackend", "HorovodBackend", "KVStoreBackend"]

@@ -45,6 +45,7 @@ from easydict import EasyDict as edict
 from iterators.formats.atomic import atomic_write_text
 
 from recognition import checkpoints as ckpts
+from recognition import distributed
 from recognition import hooks as hooks_lib
 from recognition.checkpoints import CheckpointPolicy, CheckpointSaver
 from recognition.config import ConfigError, save_config, validate
@@ -191,7 +192,11 @@ def default_train_iter(cfg, module, contexts):
     """``FaceImageIter`` on ``<dataset_path>/train.rec`` for the global batch, seeded by ``cfg.seed``."""
     from iterators import FaceImageIter
     height, width = cfg.image_shape[:2]
-    return FaceImageIter(batch_size=cfg.per_batch_size * len(contexts), data_shape=(3, height, width),
+    dist, shard = distributed.current(), {}
+    if dist.size > 1:  # rank r reads rows [r*B, (r+1)*B) of every one-process global batch (iterators/sharded.py)
+        from iterators.sharded import ShardedFaceImageIter as FaceImageIter
+        shard = {"part_index": dist.rank, "num_parts": dist.size}
+    return FaceImageIter(batch_size=cfg.per_batch_size * len(contexts), data_shape=(3, height, width), **shard,
                          path_imgrec=os.path.join(cfg.dataset_path, "train.rec"), shuffle=True,
                          rand_mirror=bool(cfg.data_rand_mirror), cutoff=cfg.data_cutoff,
                          color_jittering=cfg.data_color, images_filter=cfg.data_images_filter,
@@ -328,8 +333,9 @@ class Trainer:
     """
 
     def __init__(self, config, run_dir, module, symbol, train_iter, metric, optimizer, hooks, metrics_log=None,
-                 state=None, contexts=None, batch_size=None):
+                 state=None, contexts=None, batch_size=None, dist=None):
         self.config, self.run_dir = config, run_dir
+        self.dist = dist if dist is not None else distributed.current()  # recognition.distributed backend
         self.module, self.symbol, self.train_iter = module, symbol, train_iter
         self.metric, self.optimizer, self.metrics_log = metric, optimizer, metrics_log
         self.state = state if state is not None else TrainingState()
@@ -413,9 +419,13 @@ class Trainer:
             if epoch != first_epoch or state.nbatch == 0:
                 metric.reset()
             for batch in self.train_iter:
+                self.dist.step_started()
                 module.forward_backward(batch)
                 module.update()
+                before = distributed.metric_sums(metric) if self.dist.size > 1 else None
                 module.update_metric(metric, batch.label)
+                if before is not None:  # every rank holds the global batch's metric sums
+                    self.dist.sync_metric(metric, before)
                 state.global_step += 1
                 state.nbatch += 1
                 state.lr = self.optimizer.learning_rate
@@ -455,17 +465,24 @@ def fit(config, make_train_iter=None, metrics=None, symbol=None, hooks=None):
     left intact).
     """
     cfg, run_dir = resolve_run_config(config)
+    dist = distributed.setup(cfg)
     os.makedirs(run_dir, exist_ok=True)
-    with _run_log(run_dir):
-        return _fit(cfg, run_dir, make_train_iter, metrics, symbol, list(hooks or []))
+    with _run_log(run_dir) if dist.is_root else distributed.quiet_logging():
+        with distributed.failure_report(dist):
+            return _fit(cfg, run_dir, make_train_iter, metrics, symbol, list(hooks or []))
 
 
 def _fit(cfg, run_dir, make_train_iter, metrics, symbol, user_hooks):
     logger.info("Called with config: %s", json.dumps(dict(cfg), sort_keys=True, default=str))
-    save_config(cfg, run_dir)
-    contexts = get_contexts(cfg.gpus, cfg.ctx)
+    dist = distributed.current()
+    if dist.is_root:
+        save_config(cfg, run_dir)
+    contexts = dist.contexts(cfg.gpus, cfg.ctx)
     num_devices = len(contexts)
     batch_size = cfg.per_batch_size * num_devices
+    if dist.size > 1:  # lr is not scaled with the rank count (as insightface)
+        logger.info("global batch %d = per_batch_size %d x %d device(s) x %d rank(s) (%s)", batch_size * dist.size,
+                    cfg.per_batch_size, num_devices, dist.size, dist.describe())
     height, width = cfg.image_shape[:2]
     logger.info("image_size %s", [height, width])
     logger.info("num_classes %d", cfg.num_classes)
@@ -482,7 +499,8 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol, user_hooks):
     if cfg.resume:
         resume = saver.load_latest(symbol)
         logger.info("resuming %s from global step %d (%s)", run_dir, resume.state["global_step"], resume.path)
-        _truncate_records(os.path.join(run_dir, METRICS_FILE), resume.state["global_step"])
+        if dist.is_root:
+            _truncate_records(os.path.join(run_dir, METRICS_FILE), resume.state["global_step"])
     if cfg.model_parallel or cfg.sample_rate < 1.0:  # fc7 split by class over the contexts (+ Partial FC)
         from recognition.model_parallel import ModelParallelModule
         module = ModelParallelModule(symbol, contexts, cfg)
@@ -535,12 +553,16 @@ def _train(cfg, run_dir, module, symbol, train_iter, metrics, state, resume, sav
         raise ValueError(f"training iterator yields data of shape {got}, the module is bound for {expected} "
                          f"(per_batch_size {cfg.per_batch_size} x {num_devices} device(s))")
 
-    optimizer = build_optimizer(cfg, num_devices, begin_num_update=state.global_step)
-    module.init_optimizer(kvstore=cfg.kvstore, optimizer=optimizer)
+    dist = distributed.current()
+    optimizer = build_optimizer(cfg, num_devices * dist.size, begin_num_update=state.global_step)
+    module.init_optimizer(kvstore=dist.kvstore(cfg.kvstore, num_devices), optimizer=dist.wrap_optimizer(optimizer))
+    if module._optimizer is not optimizer:  # wrapped (Horovod): Module filled the wrapper's idx2name
+        optimizer.idx2name = dict(module._optimizer.idx2name)
     if cfg.honour_param_mults:
         _honour_param_mults(optimizer, symbol)
     if resume:
         module.load_optimizer_states(resume.optimizer_path)
+    dist.broadcast_params(module)  # every rank starts from rank 0's weights (init, --pretrained or resume)
     state.lr = optimizer.learning_rate
 
     metric = mx.metric.CompositeEvalMetric()
@@ -553,9 +575,12 @@ def _train(cfg, run_dir, module, symbol, train_iter, metrics, state, resume, sav
     if ver_sets:
         from eval.verification import test as verification_test
     hooks = default_hooks(cfg, batch_size, ver_sets, verification_test, last_good=saver.last_good)
-    trainer = Trainer(cfg, run_dir, module, symbol, train_iter, metric, optimizer, hooks + user_hooks + [saver],
-                      metrics_log=hooks_lib.MetricsLog(metrics_path), state=state, contexts=contexts,
-                      batch_size=batch_size)
+    if dist.size > 1:  # rank 0 alone verifies, logs metrics and saves; every rank averages BatchNorm statistics
+        hooks = distributed.rank_hooks(dist, hooks, cfg.verbose, batch_size * dist.size)
+    trainer = Trainer(cfg, run_dir, module, symbol, train_iter, metric, optimizer,
+                      hooks + user_hooks + ([saver] if dist.is_root else []),
+                      metrics_log=hooks_lib.MetricsLog(metrics_path) if dist.is_root else None, state=state,
+                      contexts=contexts, batch_size=batch_size, dist=dist)
     if resume:
         trainer.load_hook_states(resume.hook_states)
         if state.nbatch:
@@ -565,9 +590,11 @@ def _train(cfg, run_dir, module, symbol, train_iter, metrics, state, resume, sav
         stopped = trainer.train()
     except hooks_lib.NonFiniteError as err:
         logger.error("%s", err)
-        _finish_plot(metrics_path, run_dir)
+        if dist.is_root:
+            _finish_plot(metrics_path, run_dir)
         raise
-    _finish_plot(metrics_path, run_dir)
+    if dist.is_root:
+        _finish_plot(metrics_path, run_dir)
     return FitResult(run_dir=run_dir, prefix=cfg.prefix, global_step=state.global_step, epoch=state.epoch,
                      stopped=stopped, state=state,
                      final_checkpoint=saver.last_model if saver.policy != CheckpointPolicy.NONE else "",

@@ -18,6 +18,8 @@ import logging
 import os
 import sys
 
+import mxnet as mx
+
 from iterators.formats.atomic import atomic_write_text
 from iterators.triplet_iter import NoTripletsError
 from recognition.config import ConfigError, build_arg_parser, parse_args
@@ -100,11 +102,17 @@ def parse_triplet_args(argv=None):
 def make_triplet_iter(cfg, module, contexts):
     """``make_train_iter`` for :func:`recognition.engine.fit`: a ``TripletFaceImageIter`` mining with ``module``."""
     from iterators import TripletFaceImageIter
+    from recognition import distributed
     height, width = cfg.image_shape[:2]
+    dist, shard = distributed.current(), {}
+    if dist.size > 1:  # every rank mines the global bags (embedded in parts + allgather), reads its batch rows
+        from iterators.sharded import ShardedTripletFaceImageIter as TripletFaceImageIter
+        shard = {"part_index": dist.rank, "num_parts": dist.size,
+                 "allgather": lambda emb: dist.allgather(mx.nd.array(emb), name="triplet.embed").asnumpy()}
     return TripletFaceImageIter(
-        batch_size=cfg.per_batch_size * len(contexts), data_shape=(3, height, width),
-        path_imgrec=os.path.join(cfg.dataset_path, "train.rec"), shuffle=True,
-        rand_mirror=bool(cfg.data_rand_mirror), cutoff=cfg.data_cutoff, ctx_num=len(contexts),
+        batch_size=cfg.per_batch_size * len(contexts) * dist.size, data_shape=(3, height, width),
+        path_imgrec=os.path.join(cfg.dataset_path, "train.rec"), shuffle=True, **shard,
+        rand_mirror=bool(cfg.data_rand_mirror), cutoff=cfg.data_cutoff, ctx_num=len(contexts) * dist.size,
         images_per_identity=cfg.images_per_identity,
         triplet_params=[cfg.triplet_bag_size, cfg.triplet_alpha, cfg.triplet_max_ap], mx_model=module,
         seed=None if cfg.seed < 0 else cfg.seed, num_workers=cfg.data_workers)
