@@ -27,7 +27,7 @@ from . import registry
 from .registry import (FC_TYPES, HEADS, INITIALIZER_FAMILIES, NETWORKS, PresetsView, UnknownNameError,
                        register_fc_type, register_head, register_network)
 # Importing the builder modules registers their networks, fc types and heads.
-from . import fmobilefacenet, fresnet, heads, losses  # noqa: F401
+from . import fmobilefacenet, fmobilenet, fresnet, heads, losses  # noqa: F401
 from .heads import get_fc1, list_fc_types
 
 logger = logging.getLogger(__name__)

