@@ -37,7 +37,6 @@ uniform negatives up to ``int(sample_rate * rows)``).
 """
 import logging
 import os
-import pickle
 import tempfile
 from collections import OrderedDict
 
@@ -231,7 +230,14 @@ class ModelParallelModule(mx.module.BaseModule):
         self._cfg = cfg
         self._backbone = mx.mod.Module(backbone_symbol(symbol), data_names=("data",), label_names=(LABEL_NAME,),
                                        context=self._contexts, logger=logger)
-        self._bounds = class_bounds(int(cfg.num_classes), len(self._contexts))
+        from recognition import distributed
+        self._dist = distributed.current()  # ranks (Horovod / ps-lite); size 1 in one process
+        self._rank, self._ranks = self._dist.rank, self._dist.size
+        # shard k = rank * G + i lives on context i of that rank
+        self._bounds = class_bounds(int(cfg.num_classes), len(self._contexts) * self._ranks)
+        self._cache = None      # multi-rank: fc7 (and momentum) gathered at the last save point
+        self._version = 0       # fc7 updates so far (the cache is fresh when it has this version)
+        self._tmp_dir = None
         self._sample_rate = float(cfg.get("sample_rate", 1.0))
         if not 0.0 < self._sample_rate <= 1.0:
             raise ValueError(f"sample_rate={self._sample_rate} must be in (0, 1]")
@@ -270,6 +276,15 @@ class ModelParallelModule(mx.module.BaseModule):
     def class_bounds(self):
         return list(self._bounds)
 
+    # the backbone's executors for recognition.distributed.Backend.average_aux (BatchNorm statistics)
+    @property
+    def _exec_group(self):
+        return self._backbone._exec_group
+
+    @property
+    def _aux_names(self):
+        return self._backbone._aux_names
+
     def fc7_nbytes(self):
         """Per shard ``{"params": bytes, "momentum": bytes}`` of the allocated fc7 arrays."""
         return [shard.nbytes() for shard in self.shards]
@@ -288,12 +303,14 @@ class ModelParallelModule(mx.module.BaseModule):
         self._per_device = [s.stop - s.start for s in self._backbone._exec_group.slices]
         seed = self._cfg.get("seed", -1)
         self.shards = []
+        first = self._rank * len(self._contexts)
         for i, ctx in enumerate(self._contexts):
-            rng = np.random.RandomState(None if seed is None or seed < 0 else seed + 7919 * i)
-            self.shards.append(ClassShard(self._cfg, i, self._bounds[i], self._bounds[i + 1], ctx, batch_size,
-                                          self._sample_rate, rng, self._always_sample))
-        logger.info("model parallel fc7: %d classes over %d shard(s) %s%s", self._bounds[-1], len(self.shards),
-                    [s.num_classes for s in self.shards],
+            k = first + i
+            rng = np.random.RandomState(None if seed is None or seed < 0 else seed + 7919 * k)
+            self.shards.append(ClassShard(self._cfg, k, self._bounds[k], self._bounds[k + 1], ctx,
+                                          batch_size * self._ranks, self._sample_rate, rng, self._always_sample))
+        logger.info("model parallel fc7: %d classes over %d shard(s) (%d here: %s)%s", self._bounds[-1],
+                    len(self._bounds) - 1, len(self.shards), [s.num_classes for s in self.shards],
                     f", Partial FC sample_rate {self._sample_rate}" if self._sample_rate < 1 else "")
 
     def init_params(self, initializer=mx.init.Uniform(0.01), arg_params=None, aux_params=None, allow_missing=False,
@@ -320,80 +337,124 @@ class ModelParallelModule(mx.module.BaseModule):
         self.params_initialized = True
 
     def get_params(self):
-        """Backbone parameters + the gathered fc7 (single-device names and shapes), CPU arrays."""
+        """Backbone parameters + the gathered fc7 (single-device names and shapes), CPU arrays.
+
+        With several ranks the gather is a collective: every rank calls it (``broadcast_params``), or the copy
+        gathered by every rank at the last save point (:meth:`update`) is used when it is current.
+        """
         arg_params, aux_params = self._backbone.get_params()
         arg_params = dict(arg_params)
-        for name in self.shards[0].param_names:
-            arg_params[name] = self._gather(lambda s: s.params[name])
+        arg_params.update(self._fc7_full()[0])
         return arg_params, dict(aux_params)
+
+    def _fc7_full(self, momentum=False):
+        """``({name: full fc7}, {name: full momentum as numpy} or None)``."""
+        if self._ranks > 1 and self._cache is not None:
+            # after init_optimizer only rank 0 asks (checkpoints): never start a collective the others miss
+            if self._cache["version"] != self._version:
+                logger.warning("model parallel: the fc7 gathered at update %d is saved at update %d (a multi-rank "
+                               "run gathers fc7 every `verbose` updates and at max_steps)", self._cache["version"],
+                               self._version)
+            return self._cache["params"], self._cache["momentum"]
+        params = {name: self._gather(lambda s: s.params[name], f"mp.param.{name}")
+                  for name in self.shards[0].param_names}
+        mom = None
+        if momentum and self.shards[0].states is not None:
+            mom = {name: self._gather(lambda s: s.states[name], f"mp.mom.{name}").asnumpy()
+                   for name in self.shards[0].states}
+        return params, mom
+
+    def _gather_for_save(self):
+        """Collective (every rank, same update): cache the full fc7 and momentum for rank 0's checkpoint."""
+        self._cache = None
+        params, mom = self._fc7_full(momentum=True)
+        self._cache = {"version": self._version, "params": params, "momentum": mom}
 
     def set_params(self, arg_params, aux_params, allow_missing=False, force_init=True, allow_extra=False):
         self.init_params(initializer=None, arg_params=arg_params, aux_params=aux_params, allow_missing=allow_missing,
                          force_init=force_init, allow_extra=allow_extra)
 
-    def _gather(self, get):
-        return mx.nd.concat(*[get(s).as_in_context(mx.cpu()) for s in self.shards], dim=0)
+    def _gather(self, get, name):
+        local = mx.nd.concat(*[get(s).as_in_context(mx.cpu()) for s in self.shards], dim=0)
+        return self._dist.allgather(local, name=name) if self._ranks > 1 else local
 
     # ---------------------------------------------------------------- optimizer
     def init_optimizer(self, kvstore="local", optimizer="sgd", optimizer_params=(("learning_rate", 0.01),),
                        force_init=False):
         assert self.binded and self.params_initialized
-        if not isinstance(optimizer, mx.optimizer.SGD):
+        sgd = getattr(optimizer, "_optimizer", optimizer)  # inside Horovod's DistributedOptimizer
+        if not isinstance(sgd, mx.optimizer.SGD):
             raise ValueError("model parallel fc7 is trained with the engine's SGD (an mx.optimizer.SGD instance)")
         self._backbone.init_optimizer(kvstore=kvstore, optimizer=optimizer, force_init=force_init)
-        self._optimizer = optimizer
+        self._optimizer = optimizer  # what the backbone Module drives (the engine reads idx2name from it)
+        self._sgd = sgd              # fc7 hyper-parameters (lr schedule, momentum, wd, rescale_grad)
         for shard in self.shards:
-            shard.init_states(optimizer.momentum)
+            shard.init_states(sgd.momentum)
+        if self._ranks > 1:
+            self._gather_for_save()
         self.optimizer_initialized = True
 
     def _hyper(self, name):
-        opt = self._optimizer
+        opt = self._sgd
         kw = {"lr": opt.learning_rate * opt.lr_mult.get(name, 1.0), "wd": opt.wd * opt.wd_mult.get(name, 1.0),
               "momentum": opt.momentum, "rescale_grad": opt.rescale_grad}
         if opt.clip_gradient is not None:
             kw["clip_gradient"] = opt.clip_gradient
         return kw
 
-    def save_optimizer_states(self, fname):
-        """Backbone optimizer states + gathered fc7 momentum + sampler random states, pickled to ``fname``."""
-        fd, tmp = tempfile.mkstemp(prefix=".backbone-", dir=os.path.dirname(os.path.abspath(fname)))
+    def _states_tree(self):
+        """The backbone's updater states, the gathered fc7 momentum (single-device shapes) and the Partial FC
+        samplers' random states, as a tree of arrays/numbers/strings."""
+        from recognition import checkpoints as ckpts
+        fd, tmp = tempfile.mkstemp(prefix=".backbone-", dir=self._tmp_dir)
         os.close(fd)
         try:
-            self._backbone.save_optimizer_states(tmp)
-            with open(tmp, "rb") as f:
-                backbone = f.read()
+            ckpts.save_optimizer_states(self._backbone, tmp)
+            backbone = ckpts.read_state_tree(tmp)
         finally:
             os.remove(tmp)
-        momentum = {name: self._gather(lambda s: s.states[name]).asnumpy() for name in self.shards[0].states}
-        payload = {"format": STATES_FORMAT, "backbone": backbone, "fc7_momentum": momentum,
-                   "samplers": [s.sampler.rng.get_state() if s.sampled else None for s in self.shards]}
-        with open(fname, "wb") as f:
-            pickle.dump(payload, f, protocol=4)
+        samplers = {str(s.index): list(s.sampler.rng.get_state()) for s in self.shards if s.sampled}
+        return {"format": STATES_FORMAT, "backbone": backbone,
+                "fc7_momentum": self._fc7_full(momentum=True)[1] or {}, "samplers": samplers}
+
+    def save_optimizer_states(self, fname):
+        """:meth:`_states_tree` through :func:`recognition.checkpoints.write_state_tree` (one NDArray file, no
+        pickle)."""
+        from recognition import checkpoints as ckpts
+        self._tmp_dir = os.path.dirname(os.path.abspath(fname))
+        ckpts.write_state_tree(fname, self._states_tree())
 
     def load_optimizer_states(self, fname):
-        with open(fname, "rb") as f:
-            payload = pickle.load(f)
-        if not isinstance(payload, dict) or payload.get("format") != STATES_FORMAT:
+        from recognition import checkpoints as ckpts
+        tree = ckpts.read_state_tree(fname)
+        if not isinstance(tree, dict) or tree.get("format") != STATES_FORMAT:
             raise ValueError(f"{fname}: not a model-parallel optimizer state (was the run trained without "
                              "--model-parallel?)")
         fd, tmp = tempfile.mkstemp(prefix=".backbone-", dir=os.path.dirname(os.path.abspath(fname)))
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload["backbone"])
-            self._backbone.load_optimizer_states(tmp)
+            ckpts.write_state_tree(tmp, tree["backbone"])
+            ckpts.load_optimizer_states(self._backbone, tmp)
         finally:
             os.remove(tmp)
         for shard in self.shards:
-            for name, full in payload["fc7_momentum"].items():
-                if name in shard.states:
-                    shard.states[name][:] = full[shard.start:shard.stop]
-        for shard, state in zip(self.shards, payload.get("samplers", [])):
+            for name in shard.states:
+                full = tree["fc7_momentum"].get(name)
+                if full is not None:
+                    shard.states[name][:] = mx.nd.array(np.asarray(full)[shard.start:shard.stop], ctx=shard.ctx)
+            state = tree["samplers"].get(str(shard.index))
             if shard.sampled and state is not None:
-                shard.sampler.rng.set_state(state)
+                kind, keys, pos, has_gauss, cached = state
+                shard.sampler.rng.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss),
+                                             float(cached)))
 
     # ---------------------------------------------------------------- computation
     def forward(self, data_batch, is_train=None):
-        """Backbone forward; when training, also the logits of every shard and the cross-shard softmax."""
+        """Backbone forward; when training, also the logits of every shard and the cross-shard softmax.
+
+        With several ranks the embeddings and labels of every rank are all-gathered first (rank order), so every
+        shard sees the global batch (insightface ``partial_fc/mxnet/memory_module.py``'s ``allgather``).
+        """
         assert self.binded and self.params_initialized
         if is_train is None:
             is_train = self.for_training
@@ -402,8 +463,24 @@ class ModelParallelModule(mx.module.BaseModule):
         if not is_train:
             return
         embedding = self._backbone.get_outputs(merge_multi_context=True)[0]
-        labels = data_batch.label[0].asnumpy().astype(np.int64).reshape(-1)
+        label = data_batch.label[0].astype("float32").reshape((-1,))
+        if self._ranks > 1:
+            embedding = self._dist.allgather(embedding.as_in_context(mx.cpu()), name="mp.embedding")
+            label = self._dist.allgather(label.as_in_context(mx.cpu()), name="mp.label")
+        labels = label.asnumpy().astype(np.int64)
         self._step = self._softmax_across_shards(embedding, labels)
+
+    def _rank_max(self, values, name):
+        """Element-wise max over the ranks of (B,) ``values`` -> (max, rank holding it (first))."""
+        if self._ranks == 1:
+            return values, np.zeros(values.shape, dtype=np.int64)
+        every = self._dist.allgather(mx.nd.array(values[None, :], ctx=mx.cpu()), name=name).asnumpy()
+        return every.max(axis=0), every.argmax(axis=0)
+
+    def _rank_sum(self, values, name):
+        if self._ranks == 1:
+            return values
+        return self._dist.allreduce(values, name=name)
 
     def _softmax_across_shards(self, embedding, labels):
         """insightface ``ParallModule.backward`` / partial_fc ``backward``: global max, global sum, p."""
@@ -415,37 +492,44 @@ class ModelParallelModule(mx.module.BaseModule):
             onehots.append(oh)
         row_max = [mx.nd.max(z, axis=1) for z in logits]
         row_arg = [mx.nd.argmax(z, axis=1) for z in logits]
-        shard_max = mx.nd.stack(*[m.as_in_context(red) for m in row_max], axis=1)       # (B, G)
-        global_max = mx.nd.max(shard_max, axis=1)                                        # (B,)
+        shard_max = np.stack([m.asnumpy() for m in row_max], axis=1)                  # (B, local shards)
+        local_best = shard_max.argmax(axis=1)
+        args = np.stack([a.asnumpy().astype(np.int64) for a in row_arg], axis=1)
+        local_pred = np.empty(labels.shape, dtype=np.int64)
+        for i, shard in enumerate(self.shards):
+            rows = local_best == i
+            local_pred[rows] = shard.rows_to_classes(args[rows, i])
+        global_max, best_rank = self._rank_max(shard_max.max(axis=1), "mp.max")
+        pred = local_pred
+        if self._ranks > 1:  # the argmax of the rank holding the global max (first rank on ties)
+            every = self._dist.allgather(mx.nd.array(local_pred[None, :].astype(np.float64), ctx=mx.cpu(),
+                                                     dtype="float64"), name="mp.pred").asnumpy()
+            pred = every[best_rank, np.arange(len(labels))].astype(np.int64)
+        global_max_nd = mx.nd.array(global_max, ctx=red)
         exps, sums, target = [], [], []
         for shard, z, oh in zip(self.shards, logits, onehots):
-            e = mx.nd.exp(mx.nd.broadcast_sub(z, global_max.as_in_context(shard.ctx).expand_dims(1)))
+            e = mx.nd.exp(mx.nd.broadcast_sub(z, global_max_nd.as_in_context(shard.ctx).expand_dims(1)))
             exps.append(e)
             sums.append(mx.nd.sum(e, axis=1).as_in_context(red))
             target.append(mx.nd.sum(z * oh, axis=1).as_in_context(red))
-        global_sum = mx.nd.add_n(*sums) if len(sums) > 1 else sums[0]
-        target_logit = mx.nd.add_n(*target) if len(target) > 1 else target[0]
-        has_target = np.zeros(labels.shape, dtype=bool)
-        for shard in self.shards:
-            has_target |= (labels >= shard.start) & (labels < shard.stop)
-        ce = (global_max + mx.nd.log(global_sum) - target_logit).asnumpy() * has_target
-        best = shard_max.asnumpy().argmax(axis=1)
-        args = np.stack([a.asnumpy().astype(np.int64) for a in row_arg], axis=1)
-        pred = np.empty(labels.shape, dtype=np.int64)
-        for i, shard in enumerate(self.shards):
-            rows = best == i
-            pred[rows] = shard.rows_to_classes(args[rows, i])
+        local_sum = mx.nd.add_n(*sums) if len(sums) > 1 else sums[0]
+        local_target = mx.nd.add_n(*target) if len(target) > 1 else target[0]
+        global_sum = self._rank_sum(local_sum, "mp.sum")
+        target_logit = self._rank_sum(local_target, "mp.target")
+        has_target = (labels >= 0) & (labels < self._bounds[-1])
+        ce = (global_max_nd + mx.nd.log(global_sum) - target_logit).asnumpy() * has_target
         return {"labels": labels, "exps": exps, "onehots": onehots, "global_sum": global_sum, "ce": ce,
                 "pred": pred}
 
     def backward(self, out_grads=None):
-        """Logits gradient ``(p - onehot) / valid`` per shard, embedding gradient summed over the shards."""
+        """Logits gradient ``(p - onehot) / valid`` per shard, embedding gradient summed over the shards (and
+        ranks); this rank's rows go back to its backbone."""
         assert self.binded and self.params_initialized and self._step is not None
         step = self._step
         labels = step["labels"]
         scale = np.empty(labels.shape, dtype=np.float32)
         start = 0
-        for n in self._per_device:  # SoftmaxOutput normalization='valid' on every device slice
+        for n in self._per_device * self._ranks:  # SoftmaxOutput normalization='valid' on every device slice
             valid = int((labels[start:start + n] != -1).sum())
             scale[start:start + n] = 1.0 / max(valid, 1)
             start += n
@@ -456,13 +540,26 @@ class ModelParallelModule(mx.module.BaseModule):
             grad = mx.nd.broadcast_mul(p - oh, mx.nd.array(scale, ctx=shard.ctx).expand_dims(1))
             g = shard.backward(grad).as_in_context(red)
             emb_grad = g if emb_grad is None else emb_grad + g
+        if self._ranks > 1:
+            local = sum(self._per_device)
+            emb_grad = self._rank_sum(emb_grad.as_in_context(mx.cpu()), "mp.embedding_grad")
+            emb_grad = emb_grad[self._rank * local:(self._rank + 1) * local].as_in_context(red)
         self._backbone.backward(out_grads=[emb_grad])
 
     def update(self):
+        """Backbone update (its optimizer/kvstore), then every local fc7 shard with the same SGD settings.
+
+        Multi-rank: every ``verbose`` updates and at ``max_steps`` all ranks gather fc7 (and its momentum) for
+        rank 0's checkpoints, which only rank 0 writes."""
         assert self.optimizer_initialized
         self._backbone.update()
         for shard in self.shards:
             shard.update(self._hyper)
+        self._version += 1
+        if self._ranks > 1:
+            step = self._sgd.num_update
+            if step % int(self._cfg.verbose) == 0 or step == int(self._cfg.get("max_steps", 0)):
+                self._gather_for_save()
 
     def get_outputs(self, merge_multi_context=True):
         return self._backbone.get_outputs(merge_multi_context=merge_multi_context)
@@ -479,14 +576,15 @@ class ModelParallelModule(mx.module.BaseModule):
         label = labels[0]
         embedding = self._backbone.get_outputs(merge_multi_context=True)[0]
         per_batch = float(self._cfg.per_batch_size)
-        start = 0
+        start = self._rank * sum(self._per_device)  # this rank's rows of the global batch (the engine sums ranks)
+        offset = start
         out_names = self._backbone.output_names
         for n in self._per_device:
             sl = slice(start, start + n)
-            preds = OrderedDict([(out_names[0], embedding[start:start + n]),
+            preds = OrderedDict([(out_names[0], embedding[start - offset:start - offset + n]),
                                  ("softmax_output", mx.nd.array(step["pred"][sl])),
                                  ("ce_loss_output", mx.nd.array([step["ce"][sl].sum() / per_batch]))])
-            eval_metric.update_dict(OrderedDict([(LABEL_NAME, label[start:start + n])]), preds)
+            eval_metric.update_dict(OrderedDict([(LABEL_NAME, label[start - offset:start - offset + n])]), preds)
             start += n
 
     def install_monitor(self, mon):
