@@ -14,7 +14,24 @@ PYTEST_ARGS ?=
 MXNET_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(MXNET_EXTRA)
 
-.PHONY: install demo test test-fast bench doctor clean
+.PHONY: install install-dist demo test test-fast bench doctor clean
+
+# Horovod for `--dist horovod` (opt-in; `make test` runs it so CI covers the distributed tests). Built from source
+# against the venv's MXNet with Gloo (no MPI, no TF/PyTorch): ~2-9 min once, then the stamp (and pip's wheel
+# cache) keep it. GPU machines: NCCL for GPU tensors (README, "Distributed training").
+HOROVOD_VERSION := 0.28.1
+DIST_STAMP := $(VENV)/.horovod-$(HOROVOD_VERSION)
+HOROVOD_GPU_ENV := $(if $(filter gpu,$(MXNET_EXTRA)),HOROVOD_GPU_OPERATIONS=NCCL,)
+
+install-dist: $(DIST_STAMP)
+
+$(DIST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet "setuptools<70" wheel cffi cloudpickle psutil pyyaml packaging
+	HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_TENSORFLOW=1 \
+	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_CPU_OPERATIONS=GLOO $(HOROVOD_GPU_ENV) \
+		$(PY) -m pip install --no-build-isolation "horovod==$(HOROVOD_VERSION)"
+	$(PY) -c "import horovod.mxnet as hvd; hvd.init(); print('horovod', hvd.__version__ if hasattr(hvd, '__version__') else '$(HOROVOD_VERSION)', 'size', hvd.size())"
+	touch $@
 
 install: $(STAMP)
 
@@ -31,7 +48,7 @@ $(STAMP): setup.py eval/cuda_preload.py
 demo: install
 	$(PY) -m recognition.demo --output $(DEMO_DIR)
 
-test: install
+test: install install-dist
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install

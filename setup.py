@@ -52,6 +52,11 @@ setup(
         "cpu": [f"mxnet=={MXNET_VERSION}"],
         "gpu": [f"mxnet-cu112=={MXNET_VERSION}"] + CUDA_WHEELS,
         "test": ["pytest>=7,<10", "pytest-timeout>=2.1,<3"],
+        # `--dist horovod`. Horovod compiles against the installed MXNet, so install it after mxnet with
+        # `pip install --no-build-isolation` and HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1
+        # HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_CPU_OPERATIONS=GLOO (GPU: also
+        # HOROVOD_GPU_OPERATIONS=NCCL); `make install-dist` does exactly that (README, "Distributed training").
+        "dist": ["horovod==0.28.1", "setuptools<70", "wheel", "cffi", "cloudpickle", "psutil", "pyyaml", "packaging"],
     },
     entry_points={
         "console_scripts": [
