@@ -171,9 +171,10 @@ def _stop(running, grace):
             proc.wait()
 
 
-def run(procs, grace=10.0, poll=0.2, out=sys.stderr):
+def run(procs, grace=10.0, poll=0.2, out=None):
     """Start ``procs`` (from :func:`plan`), supervise them, return the exit status (0 only if every worker exited 0).
     """
+    out = out or sys.stderr
     started = []
     interrupted = []
 
@@ -194,7 +195,7 @@ def run(procs, grace=10.0, poll=0.2, out=sys.stderr):
         while True:
             failed = [p for p in procs if p["proc"].poll() not in (None, 0)]
             if failed or interrupted:
-                if interrupted and not failed:
+                if interrupted:
                     print(f"recognition.launch: {signal.Signals(interrupted[0]).name} received; stopping every "
                           "process", file=out, flush=True)
                 else:
