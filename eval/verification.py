@@ -37,7 +37,7 @@ import numpy as np
 
 from eval.inference import Embeddings, ModelLoadError, embed, load_embedding_module
 from eval.protocol import (FAR_TARGET, ROC_THRESHOLDS, VAL_THRESHOLDS, FoldError, VerificationResult,
-                           _threshold_at_far, calculate_accuracy, calculate_roc, calculate_val,
+                           _normalize_rows, _threshold_at_far, calculate_accuracy, calculate_roc, calculate_val,
                            calculate_val_far, check_folds, evaluate, evaluate_embeddings, format_lines, kfold,
                            pixel_baseline, roc_from_distances, tpr_at_far, val_from_distances)
 from iterators.formats.atomic import atomic_write_text
@@ -235,24 +235,11 @@ def _write_json(path, payload):
 
 
 def plot_roc(curves, path):
-    """Save ROC curves ``[(label, fpr, tpr)]`` (mean test-fold rates per threshold) to ``path``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for label, fpr, tpr in curves:
-        ax.plot(fpr, tpr, label=label)
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_title("verification ROC (10-fold mean)")
-    ax.legend(loc="lower right", fontsize=8)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """Save ROC curves ``[(label, far, tpr)]`` to ``path`` with a log-scaled FAR axis (``eval.roc.plot_roc``).
+
+    The CLI draws the all-pairs ROC of each target and epoch (``eval.roc.roc_points``)."""
+    from eval.roc import plot_roc as _plot_roc
+    return _plot_roc(curves, path)
 
 
 def build_parser():
@@ -271,6 +258,10 @@ def build_parser():
     parser.add_argument("--image-size", default="", help="H,W (default: from <data-dir>/property, else 112,112)")
     parser.add_argument("--roc-plot", default="", help="write the ROC curves of all targets/epochs to this PNG")
     parser.add_argument("--json", default="", help="write the results to this JSON file")
+    parser.add_argument("--mode", type=int, default=0, choices=(0, 1),
+                        help="0: verify; 1: insightface's test_badcase on the first target and model (PNG grids of "
+                             "the misclassified pairs with their distances, eval.badcase)")
+    parser.add_argument("--badcase-dir", default="./badcases", help="--mode 1 output directory")
     return parser
 
 
@@ -320,6 +311,11 @@ def _run(args):
     if not ver_list:
         raise FileNotFoundError(f"none of the targets {args.target} has a .bin in {args.data_dir or '.'}")
 
+    if args.mode == 1:  # upstream: test_badcase(ver_list[0], nets[0], batch_size, target)
+        from eval.badcase import test_badcase
+        test_badcase(ver_list[0], nets[0][1], args.batch_size, ver_names[0], args.badcase_dir, args.nfolds)
+        return 0
+    from eval.roc import format_tpr_at_fars, pair_distances, roc_points, tpr_at_fars
     records, curves = [], []
     for name, data_set in zip(ver_names, ver_list):
         accs = []
@@ -328,12 +324,19 @@ def _run(args):
             for line in format_lines(name, result):
                 print(line)
             accs.append(result.acc2)
-            curves.append((f"{name} epoch {epoch} ({result.acc2:.4f})", result.fpr, result.tpr))
+            dist = pair_distances(_normalize_rows(result.embeddings_list[0] + result.embeddings_list[1]))
+            issame = np.asarray(data_set[1], dtype=bool)[:len(dist)]
+            table = tpr_at_fars(dist, issame)
+            for line in format_tpr_at_fars(name, table, int((~issame).sum())):
+                print(line)
+            far, tpr, _ = roc_points(dist, issame)
+            curves.append((f"{name} epoch {epoch} ({result.acc2:.4f})", far, tpr))
             records.append({"target": name, "epoch": epoch, "xnorm": result.xnorm,
                             "accuracy_flip": result.acc2, "accuracy_flip_std": result.std2,
                             "fold_accuracy": [float(a) for a in result.accuracy],
                             "tpr_at_far_1e-3": result.val, "tpr_at_far_1e-3_std": result.val_std,
-                            "far": result.far, "num_pairs": len(data_set[1]), "infer_time": result.infer_time})
+                            "far": result.far, "num_pairs": len(data_set[1]), "infer_time": result.infer_time,
+                            "roc_tpr_at_far": {f"{f:.0e}": v for f, v in table.items()}})
         print("Max of [%s] is %1.5f" % (name, np.max(accs)))
     if args.roc_plot:
         plot_roc(curves, args.roc_plot)
