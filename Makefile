@@ -38,7 +38,7 @@ install: $(STAMP)
 $(STAMP): setup.py eval/cuda_preload.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23"
-	$(PY) -m pip install --quiet -e ".[$(MXNET_EXTRA),test]"
+	$(PY) -m pip install --quiet -e ".[$(MXNET_EXTRA),test,onnx]"
 	$(PY) -m eval.cuda_preload $(if $(filter gpu,$(MXNET_EXTRA)),install,uninstall)
 	$(PY) -c "import mxnet, numpy; print('mxnet', mxnet.__version__, 'numpy', numpy.__version__)" \
 		|| { $(PY) -m eval.doctor; exit 1; }

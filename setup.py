@@ -52,6 +52,9 @@ setup(
         "cpu": [f"mxnet=={MXNET_VERSION}"],
         "gpu": [f"mxnet-cu112=={MXNET_VERSION}"] + CUDA_WHEELS,
         "test": ["pytest>=7,<10", "pytest-timeout>=2.1,<3"],
+        # python -m eval.export_onnx: MXNet 1.9's exporter imports onnx.mapping (gone in onnx 1.15) and onnx 1.14
+        # needs protobuf<4; onnxruntime (1.26.0 checked on py3.11 with numpy 1.23.5 and protobuf 3.20.3) runs --check.
+        "onnx": ["onnx>=1.14.1,<1.15", "protobuf>=3.20.2,<4", "onnxruntime>=1.16.3,<1.27"],
         # `--dist horovod`. Horovod compiles against the installed MXNet, so install it after mxnet with
         # `pip install --no-build-isolation` and HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1
         # HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_CPU_OPERATIONS=GLOO (GPU: also

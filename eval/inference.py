@@ -14,6 +14,9 @@ from typing import NamedTuple
 import mxnet as mx
 import numpy as np
 
+from eval.checkpoint_shapes import check_params
+from eval.symbol_rewrite import inference_symbol
+
 logger = logging.getLogger(__name__)
 
 
@@ -145,12 +148,14 @@ def load_embedding_module(prefix, epoch, ctx, batch_size, image_size):
     if "fc1_output" not in internals.list_outputs():
         raise ModelLoadError(f"{prefix}-symbol.json has no 'fc1_output' node (outputs: {sym.list_outputs()}); "
                              "verification needs insightface's embedding layer named fc1")
-    sym = internals["fc1_output"]
+    sym = inference_symbol(internals["fc1_output"])  # Flatten before FullyConnected (eval.symbol_rewrite)
     model = mx.mod.Module(symbol=sym, context=ctx, label_names=None)
     model.bind(data_shapes=[("data", (batch_size, 3) + tuple(image_size))], for_training=False)
     missing = [n for n in sym.list_arguments() if n != "data" and n not in arg_params]
     missing += [n for n in sym.list_auxiliary_states() if n not in aux_params]
     if missing:
         raise ModelLoadError("%s-%04d.params lacks %s needed by fc1_output" % (prefix, epoch, ", ".join(missing)))
+    check_params(sym, arg_params, aux_params, {"data": (batch_size, 3) + tuple(image_size)},
+                 what="%s-%04d.params" % (prefix, epoch))  # ParamMismatchError names the first misfit
     model.set_params(arg_params, aux_params, allow_extra=True)
     return model
