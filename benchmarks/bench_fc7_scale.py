@@ -15,7 +15,8 @@ share this machine's RAM and cores), so the memory split is read from the alloca
 two CPU shards is not faster than one (same cores). The machine is shared: the load average before/after every
 run is recorded.
 
-Usage: ``python -m benchmarks.bench_fc7_scale [--classes 10000,100000,1000000] [--steps N]``
+Usage: ``python -m benchmarks.bench_fc7_scale [--classes 10000,100000,1000000] [--steps N] [--variants full,...]
+[--merge]`` (``--merge`` re-runs only the given cells and keeps the others)
 -> ``benchmarks/results/fc7_scale.json``.
 """
 import argparse
@@ -42,6 +43,9 @@ def _child(variant, num_classes, steps, warmup):
     from symbols.losses import head_logits
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    limit_mb = float(os.environ.get("FC7_BENCH_LIMIT_MB", "0"))
+    if limit_mb > 0:  # fail with an allocation error instead of waking the OOM killer on a shared machine
+        resource.setrlimit(resource.RLIMIT_AS, (int(limit_mb * 2 ** 20), int(limit_mb * 2 ** 20)))
     shards = 1 if variant == "full" else 2
     cfg = load_config(overrides=dict(network="r18", loss="arcface", num_classes=num_classes, emb_size=EMB,
                                      per_batch_size=BATCH // shards, model_parallel=variant != "full",
@@ -84,15 +88,34 @@ def _child(variant, num_classes, steps, warmup):
                       "fc7_bytes_per_shard": fc7, "fc7_bytes_full": num_classes * EMB * 4}))
 
 
+def _available_mb():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def run(variant, num_classes, steps, warmup):
     load_before = os.getloadavg()
+    available = _available_mb()
+    env = dict(os.environ, PYTHONPATH=REPO)
+    if available and "FC7_BENCH_LIMIT_MB" not in os.environ:  # address space: RSS + ~2.5 GB of mappings
+        env["FC7_BENCH_LIMIT_MB"] = str(available - 1024 + 2560)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_fc7_scale", "--child", variant,
                            str(num_classes), str(steps), str(warmup)], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=REPO))
+                          env=env)
     if proc.returncode != 0:
-        return {"variant": variant, "num_classes": num_classes, "error": proc.stderr.strip().splitlines()[-1:]}
+        lines = [ln for ln in proc.stderr.strip().splitlines() if "Subgraph backend" not in ln]
+        return {"variant": variant, "num_classes": num_classes, "returncode": proc.returncode,
+                "error": lines[-3:], "loadavg_before": list(load_before), "mem_available_mb_before": available,
+                "address_space_limit_mb": float(env.get("FC7_BENCH_LIMIT_MB", 0))}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["loadavg_before"], result["loadavg_after"] = list(load_before), list(os.getloadavg())
+    result["mem_available_mb_before"], result["mem_available_mb_after"] = available, _available_mb()
     return result
 
 
@@ -101,19 +124,26 @@ def main(argv=None):
     p.add_argument("--classes", default="10000,100000,1000000")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--merge", action="store_true", help="keep the other results already in fc7_scale.json")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         variant, c, steps, warmup = args.child
         return _child(variant, int(c), int(steps), int(warmup))
-    from benchmarks.common import write_json
+    from benchmarks.common import RESULTS_DIR, write_json
     results = []
-    for c in [int(v) for v in args.classes.split(",")]:
+    todo = [(int(c), v) for c in args.classes.split(",") for v in args.variants.split(",")]
+    previous = os.path.join(RESULTS_DIR, "fc7_scale.json")
+    if args.merge and os.path.isfile(previous):
+        with open(previous) as f:
+            results = [r for r in json.load(f)["results"] if (r["num_classes"], r["variant"]) not in todo]
+    for c, variant in todo:
         steps = args.steps if c < 1000000 else max(2, args.steps // 2)
-        for variant in VARIANTS:
-            r = run(variant, c, steps, args.warmup)
-            print(json.dumps({k: v for k, v in r.items() if k != "sec_per_step_all"}), flush=True)
-            results.append(r)
+        r = run(variant, c, steps, args.warmup)
+        print(json.dumps({k: v for k, v in r.items() if k != "sec_per_step_all"}), flush=True)
+        results.append(r)
+    results.sort(key=lambda r: (r["num_classes"], VARIANTS.index(r["variant"])))
     summary = {}
     for c in sorted({r["num_classes"] for r in results}):
         by = {r["variant"]: r for r in results if r["num_classes"] == c and "error" not in r}
