@@ -137,6 +137,8 @@ class BagStatsHook(Hook):
 
     def _write(self, trainer):
         self._collect(trainer)
+        if not trainer.dist.is_root:  # every rank mines the same bags; rank 0 writes the file
+            return
         atomic_write_text(os.path.join(trainer.run_dir, BAG_STATS_FILE), json.dumps(self.bags, indent=1) + "\n")
 
     def before_train(self, trainer):

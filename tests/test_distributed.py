@@ -498,3 +498,22 @@ def test_backend_collectives_across_processes(kind, tmp_path):
     out = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert (out.stdout + out.stderr).count("collectives ok") == 2
+
+
+@pytest.mark.slow
+@needs_horovod
+def test_triplet_two_ranks_equal_two_devices(e2e_data, single_run, tmp_path):
+    args = ["-m", "recognition.train_triplet", "--config", "configs/triplet_synthetic.py", "--data-dir", e2e_data,
+            "--image-size", "32,32", "--version-output", "GAP", "--per-batch-size", "6", "--triplet-bag-size", "36",
+            "--max-steps", "4", "--verbose", "2", "--frequent", "1", "--data-workers", "1",
+            "--pretrained", os.path.join(single_run, "model") + ",0", "--set", "triplet_alpha=1.0"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run([PY, *args, "--ctx", "cpu:2", "--prefix", os.path.join(one, "model")], one + ".log")
+    _run([os.path.join(os.path.dirname(PY), "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", PY, *args,
+          "--dist", "horovod", "--prefix", os.path.join(two, "model")], two + ".log")
+    err = max_error(final_params(one, 4), final_params(two, 4))
+    print(f"triplet horovod: 2 ranks vs cpu:2, max |param difference| after 4 steps = {err:.3g}")
+    assert err < 1e-4
+    bags = [json.load(open(os.path.join(d, "triplet_bags.json"))) for d in (one, two)]
+    assert [{k: v for k, v in b.items() if not k.endswith("seconds")} for b in bags[0]] == \
+        [{k: v for k, v in b.items() if not k.endswith("seconds")} for b in bags[1]]
