@@ -517,3 +517,39 @@ def test_triplet_two_ranks_equal_two_devices(e2e_data, single_run, tmp_path):
     bags = [json.load(open(os.path.join(d, "triplet_bags.json"))) for d in (one, two)]
     assert [{k: v for k, v in b.items() if not k.endswith("seconds")} for b in bags[0]] == \
         [{k: v for k, v in b.items() if not k.endswith("seconds")} for b in bags[1]]
+
+
+FAILING_RANK = """
+import sys
+from recognition.config import parse_args
+from recognition.engine import fit
+from recognition.hooks import Hook
+from recognition import distributed
+
+class FailOnRank1(Hook):
+    def after_step(self, trainer):
+        if trainer.dist.rank == 1 and trainer.state.global_step == 2:
+            raise RuntimeError("injected failure")
+
+fit(parse_args(sys.argv[1:]), hooks=[FailOnRank1()])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [pytest.param("horovod", marks=needs_horovod), "kvstore"])
+def test_exception_on_one_rank_stops_the_job_naming_it(kind, e2e_data, tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING_RANK)
+    train = [*TRAIN, "--data-dir", e2e_data, "--max-steps", "100000", "--verbose", "1000",
+             "--prefix", str(tmp_path / "run" / "model")]
+    if kind == "horovod":
+        argv = [os.path.join(os.path.dirname(PY), "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", PY,
+                str(script), *train, "--dist", "horovod"]
+    else:
+        argv = [PY, "-m", "recognition.launch", "-n", "2", "-s", "1", "--grace", "5", "--", PY, str(script), *train,
+                "--kvstore", "dist_sync"]
+    t0 = time.monotonic()
+    out = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and time.monotonic() - t0 < 200
+    assert "rank 1/2 failed: RuntimeError: injected failure" in text
