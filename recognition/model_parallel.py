@@ -413,7 +413,11 @@ class ModelParallelModule(mx.module.BaseModule):
             backbone = ckpts.read_state_tree(tmp)
         finally:
             os.remove(tmp)
-        samplers = {str(s.index): list(s.sampler.rng.get_state()) for s in self.shards if s.sampled}
+        samplers = {}
+        for shard in self.shards:
+            if shard.sampled:  # ('MT19937', uint32 keys, pos, has_gauss, cached); MXNet has no uint32 arrays
+                kind, keys, pos, has_gauss, cached = shard.sampler.rng.get_state()
+                samplers[str(shard.index)] = [kind, keys.astype(np.int64), int(pos), int(has_gauss), float(cached)]
         return {"format": STATES_FORMAT, "backbone": backbone,
                 "fc7_momentum": self._fc7_full(momentum=True)[1] or {}, "samplers": samplers}
 

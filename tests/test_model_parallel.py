@@ -402,3 +402,20 @@ def test_horovod_ranks_equal_one_process(tmp_path, loss, num_classes, contexts_p
     want, _ = plain.get_params()
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value.asnumpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_partial_fc_resume_equals_straight_run(engine_runs):
+    """Partial FC through the engine: 3 steps + --resume to 6 == 6 straight steps (fc7 rows, momentum and the
+    samplers' random state restored, so the same negatives are drawn)."""
+    tmp_path, x, y, start, _, _ = engine_runs
+    straight = _engine_run(tmp_path, "pfc", x, y, start, sample_rate=0.5)
+    _engine_run(tmp_path, "pfc_split", x, y, start, sample_rate=0.5, max_steps=3)
+    keys = dict(per_batch_size=4, ctx="cpu:2", lr=0.1, lr_steps=[4], wd=0.0005, mom=0.9, max_steps=6, frequent=1,
+                verbose=3, ckpt=2, ckpt_embedding=False, loss_s=16.0, dataset_path=str(tmp_path / "nodata"),
+                prefix=str(tmp_path / "pfc_split" / "model"), sample_rate=0.5)
+    cfg = load_config(overrides={**head_config("arcface", 10, **keys), "resume": str(tmp_path / "pfc_split")})
+    resumed = fit(cfg, make_train_iter=_iter(x, y), symbol=toy_symbol(cfg))
+    _, r_arg, _, _ = load_resume_state(resumed.run_dir)
+    _, s_arg, _, _ = load_resume_state(straight.run_dir)
+    for name in s_arg:
+        np.testing.assert_allclose(r_arg[name].asnumpy(), s_arg[name].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=name)
