@@ -36,7 +36,7 @@ import mxnet as mx
 import numpy as np
 
 from iterators import augment
-from iterators.formats.recordio import FaceRecordReader, RecordFormatError, read_property
+from iterators.formats.recordio import FaceRecordReader, RecordFormatError, RecordLabelError, read_property
 from iterators.workers import (STATE_VERSION, DecodeWorkersMixin, check_state_config, check_state_header, jsonable,
                                set_rng_state)
 
@@ -195,6 +195,8 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
         self.seq = np.asarray(self.imgidx, dtype=np.int64)
         self.cur = 0
         self.num_corrupt = 0
+        self._epoch_corrupt = 0
+        self._first_reason = None
         self.is_init = False
         self._batches = 0  # batches returned by next() in this epoch
         self._window = max(1, math.ceil(self.prefetch * self.batch_size / _CHUNK))
@@ -222,6 +224,12 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
                 self._fill()
                 if not self._pending:
                     self._ready_chunk = None
+                    if self._batches == 0 and self._epoch_corrupt:
+                        raise RecordFormatError(
+                            f"{self.path_imgrec}: no batch of {B} images in epoch {self._epoch}: "
+                            f"{self._epoch_corrupt} of {len(self.seq)} records failed to decode (e.g. "
+                            f"{self._first_reason}); rebuild the dataset (python -m iterators.tools.build_rec) or "
+                            "check it (python -m iterators.tools.inspect_dataset --decode)")
                     raise StopIteration
                 start, n, rng_state, task = self._pending.popleft()
                 self._ready.extend(task.result() if self._executor is not None else task())
@@ -231,8 +239,13 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
             rid, lab, arr, reason = self._ready.popleft()
             if arr is None:
                 self.num_corrupt += 1
-                logger.warning("%s record %d skipped (corrupt: %s); %d skipped so far", self.path_imgrec,
-                               rid, reason, self.num_corrupt)
+                self._epoch_corrupt += 1
+                self._first_reason = self._first_reason or reason
+                n = self.num_corrupt
+                # rate-limited: the first few, then at 10, 100, 1000... with the running count
+                if n <= 3 or (n >= 10 and str(n).rstrip("0") == "1"):
+                    logger.warning("%s record %d skipped (corrupt: %s); %d skipped so far%s", self.path_imgrec,
+                                   rid, reason, n, " (further skips are summarised)" if n == 3 else "")
                 continue
             data[i] = arr
             label[i] = lab
@@ -337,6 +350,8 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
             self.seq = self._rng.permutation(np.asarray(self.imgidx, dtype=np.int64))
         self.is_init = True
         self._batches = 0
+        self._epoch_corrupt = 0
+        self._first_reason = None
 
     def _drop_prefetched(self):
         for _, _, _, task in self._pending:
@@ -378,6 +393,8 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
         where = f"{self.path_imgrec} record {rid}"
         try:
             label, payload = self.reader.read(rid)
+        except RecordLabelError:
+            raise  # a NaN/inf label is a dataset error, not one unreadable image
         except RecordFormatError as exc:
             return rid, None, None, str(exc)
         if not 0 <= label < self.num_classes:

@@ -30,6 +30,7 @@ import difflib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 
@@ -40,6 +41,8 @@ from iterators.formats.images import parse_image_size
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE_NAME = "config.json"  # resolved config saved in every run directory (read back by --resume)
+RUN_RELATIVE_KEYS = ("prefix", "resume")  # path keys stored relative to the run directory in config.json
+RUN_RELATIVE_MARK = "_relative_to_run_dir"  # config.json entry listing them (not a config key)
 
 CKPT_MODES = {0: "none", 1: "best", 2: "always", 3: "best_overwrite"}  # insightface --ckpt meanings
 KVSTORES = ("device", "local", "dist_sync", "dist_device_sync", "dist_async")
@@ -165,9 +168,17 @@ def _load_preset_chain(path, seen=None):
         raise ConfigError(f"{path}: preset 'base' chain loops: {' -> '.join(seen + [path])}")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path} (give a path such as configs/orl_demo.py)")
+    if not path.endswith(".py"):
+        raise ConfigError(f"--config {path}: a preset is a Python file (configs/<name>.py defining a dict `config`); "
+                          "a run's config.json is read back with --resume <run directory>")
     spec = importlib.util.spec_from_file_location(f"_preset_{len(seen)}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise ConfigError(f"{path} line {exc.lineno}: {exc.msg} (a preset must be valid Python)") from None
+    except Exception as exc:  # noqa: BLE001 - the preset's own code failed
+        raise ConfigError(f"{path}: the preset raised {type(exc).__name__}: {exc}") from None
     overrides = getattr(module, "config", None)
     if not isinstance(overrides, dict):
         raise ConfigError(f"{path}: a preset must define a module-level dict `config` of overrides")
@@ -191,6 +202,14 @@ def validate(cfg):
         if cfg[key] not in registry:
             names = registry.names()
             bad(key, f"must be one of {', '.join(names)}{_suggest(cfg[key], names)}")
+    for key, value in cfg.items():  # nan/inf pass every comparison below (nan > 0 and nan < 0 are both False)
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(key, "must be a finite number")
+    for key in ("loss_m2", "loss_m3"):  # the heads apply a margin only when it is > 0
+        if cfg[key] < 0:
+            bad(key, "a margin must be >= 0 (0 = no margin)")
+    if cfg.loss_m1 <= 0:
+        bad("loss_m1", "the multiplicative margin must be > 0 (1 = none)")
     for key in ("per_batch_size", "emb_size", "frequent", "verbose", "end_epoch"):
         if cfg[key] <= 0:
             bad(key, "must be a positive integer")
@@ -269,8 +288,23 @@ def load_run_config(run_dir, overrides=None):
     if not os.path.isfile(path):
         raise ConfigError(f"--resume {run_dir}: no {CONFIG_FILE_NAME} there; give the run directory that "
                           "training created (it holds training.log, config.json and resume/)")
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except ValueError as exc:
+        raise ConfigError(f"--resume {run_dir}: {path} is not readable JSON ({exc})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume {run_dir}: {path} does not hold a config object")
+    for key in saved.get(RUN_RELATIVE_MARK, []):  # paths stored relative to the run directory
+        if isinstance(saved.get(key), str):
+            saved[key] = os.path.join(os.fspath(run_dir), saved[key])
+    prefix = saved.get("prefix")
+    if isinstance(prefix, str) and prefix and not _inside(prefix, run_dir):
+        # an older config.json with an absolute prefix, in a copied/moved run: write into THIS directory
+        rebased = os.path.join(os.fspath(run_dir), os.path.basename(prefix))
+        logger.warning("%s: prefix %s is outside the run directory (copied or moved run); checkpoints go to %s",
+                       path, prefix, rebased)
+        saved["prefix"] = rebased
     cfg = _base_config()
     keys = dict(cfg)
     _apply(cfg, {k: v for k, v in saved.items() if k in keys}, path, keys)
@@ -280,11 +314,23 @@ def load_run_config(run_dir, overrides=None):
     return validate(edict(cfg))
 
 
+def _inside(path, directory):
+    path, directory = os.path.abspath(path), os.path.abspath(directory)
+    return os.path.dirname(path) == directory or path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
 def save_config(cfg, run_dir):
     """Write the resolved config as ``<run_dir>/config.json`` atomically; returns the path."""
-    from iterators.formats.atomic import atomic_write_text
+    from iterators.formats.atomic import PRIVATE_FILE, atomic_write_text
     path = os.path.join(os.fspath(run_dir), CONFIG_FILE_NAME)
-    atomic_write_text(path, json.dumps(dict(cfg), indent=2, sort_keys=True, default=str) + "\n")
+    data, relative = dict(cfg), []
+    for key in RUN_RELATIVE_KEYS:  # so that a copied run directory writes into the copy when resumed
+        value = data.get(key)
+        if isinstance(value, str) and value and _inside(value, run_dir):
+            data[key] = os.path.relpath(os.path.abspath(value), os.path.abspath(run_dir))
+            relative.append(key)
+    data[RUN_RELATIVE_MARK] = relative
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", mode=PRIVATE_FILE)
     return path
 
 
@@ -466,4 +512,22 @@ def parse_args(argv=None, extra_defaults=None, parser=None):
     _apply(cfg, set_values, "--set", keys)
     _apply(cfg, flags, "command line", keys)
     _apply_named_presets(cfg, explicit)
-    return validate(edict(cfg))
+    cfg = validate(edict(cfg))
+    if "image_shape" in flags or "image_shape" in set_values:
+        _check_image_size_against_property(cfg)
+    return cfg
+
+
+def _check_image_size_against_property(cfg):
+    """An explicit ``--image-size`` must match ``<data-dir>/property``: the iterator would otherwise resize every
+    image (silently up- or down-scaling the faces the network sees)."""
+    prop = os.path.join(cfg.dataset_path, "property")
+    if not os.path.isfile(prop):
+        return
+    from iterators.formats.recordio import read_property
+    _, (height, width) = read_property(cfg.dataset_path)
+    if [height, width] != list(cfg.image_shape[:2]):
+        raise ConfigError(f"--image-size {cfg.image_shape[0]},{cfg.image_shape[1]} but {prop} says the images are "
+                          f"{height}x{width}; drop --image-size (it is read from property) or rebuild the dataset "
+                          f"at that size (python -m iterators.tools.build_rec --resize {cfg.image_shape[0]},"
+                          f"{cfg.image_shape[1]})")

@@ -432,6 +432,9 @@ class Trainer:
                 self._call("after_step")
                 if self.stop_reason is not None:
                     return
+            if state.nbatch == 0:  # an empty epoch would repeat end_epoch times, training nothing
+                source = getattr(self.train_iter, "path_imgrec", type(self.train_iter).__name__)
+                raise RuntimeError(f"epoch {epoch} yielded no training batch ({source})")
             for name, value in metric.get_global_name_value():
                 logger.info("Epoch[%d] Train-%s=%f", epoch, name, value)
             logger.info("Epoch[%d] Time cost=%.3f", epoch, time.time() - tic)
@@ -467,9 +470,11 @@ def fit(config, make_train_iter=None, metrics=None, symbol=None, hooks=None):
     cfg, run_dir = resolve_run_config(config)
     dist = distributed.setup(cfg)
     os.makedirs(run_dir, exist_ok=True)
-    with _run_log(run_dir) if dist.is_root else distributed.quiet_logging():
-        with distributed.failure_report(dist):
-            return _fit(cfg, run_dir, make_train_iter, metrics, symbol, list(hooks or []))
+    # one training per run directory (its lock also clears what killed writers left there)
+    with ckpts.RunDirLock(run_dir) if dist.is_root else contextlib.nullcontext():
+        with _run_log(run_dir) if dist.is_root else distributed.quiet_logging():
+            with distributed.failure_report(dist):
+                return _fit(cfg, run_dir, make_train_iter, metrics, symbol, list(hooks or []))
 
 
 def _fit(cfg, run_dir, make_train_iter, metrics, symbol, user_hooks):
@@ -514,11 +519,8 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol, user_hooks):
                            allow_missing=False, allow_extra=False)
     elif cfg.pretrained:
         arg_params, aux_params = ckpts.load_pretrained(cfg.pretrained, cfg.pretrained_epoch)
-        params = [n for n in symbol.list_arguments() if n not in ("data", "softmax_label")]
-        missing = sorted(set(params) - set(arg_params))
-        if missing:
-            logger.info("pretrained: %d parameter(s) not in the checkpoint, initialised: %s", len(missing),
-                        ", ".join(missing))
+        ckpts.check_pretrained(cfg.pretrained, symbol, arg_params, aux_params,
+                               {"data": (batch_size, 3, height, width), "softmax_label": (batch_size,)})
         module.init_params(initializer=initializer, arg_params=arg_params, aux_params=aux_params,
                            allow_missing=True, allow_extra=True)
     else:
@@ -561,7 +563,7 @@ def _train(cfg, run_dir, module, symbol, train_iter, metrics, state, resume, sav
     if cfg.honour_param_mults:
         _honour_param_mults(optimizer, symbol)
     if resume:
-        module.load_optimizer_states(resume.optimizer_path)
+        ckpts.load_optimizer_states(module, resume.optimizer_path)
     dist.broadcast_params(module)  # every rank starts from rank 0's weights (init, --pretrained or resume)
     state.lr = optimizer.learning_rate
 

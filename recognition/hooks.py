@@ -254,6 +254,13 @@ class PeriodicVerification(Hook):
         results = self.run(trainer.module, step)
         if trainer.metrics_log is not None and results:
             trainer.metrics_log.write({"step": step, "epoch": trainer.state.epoch, "verification": results})
+        bad = [f"[{name}] {key}={value}" for name, r in results.items() for key, value in r.items()
+               if not math.isfinite(value)]
+        if bad:  # NaN embeddings: nothing is saved from these weights (upstream saved them as "best")
+            raise NonFiniteError(
+                f"non-finite verification result at global step {step}: {', '.join(bad)}. Training stopped; no "
+                "checkpoint is written from these weights. Lower --lr, add --warmup-steps, or pre-train with "
+                "--loss softmax.")
         trainer.publish_verification(results)
 
 

@@ -5,7 +5,6 @@ TripletFaceImageIter triplet training, and skipped batches are never decoded.
 Tiny nets (one FullyConnected embedding) on 8x8 synthetic faces keep every run under a few seconds."""
 import json
 import os
-import pickle
 
 import mxnet as mx
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 
 from data_fixtures import make_synthetic_dataset
 from iterators import FaceImageIter, TripletFaceImageIter
-from recognition.checkpoints import load_resume_state
+from recognition.checkpoints import load_resume_state, read_state_tree
 from recognition.config import load_config
 from recognition.engine import fit
 from recognition.hooks import Hook
@@ -74,7 +73,7 @@ def assert_same_run(straight_dir, resumed_dir):
         assert r_state["hooks"]["CheckpointSaver"][key] == s_state["hooks"]["CheckpointSaver"][key], key
     for name in s_arg:
         np.testing.assert_array_equal(r_arg[name].asnumpy(), s_arg[name].asnumpy(), err_msg=name)
-    s_mom, r_mom = (pickle.loads(open(p, "rb").read()) for p in (s_opt, r_opt))
+    s_mom, r_mom = (read_state_tree(p) for p in (s_opt, r_opt))
     assert set(s_mom) == set(r_mom)
     for key in s_mom:  # SGD keeps no state without momentum (None)
         if s_mom[key] is None:

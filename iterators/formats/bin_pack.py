@@ -15,7 +15,7 @@ import os
 import pickle
 import numpy as np
 
-from iterators.formats.atomic import atomic_write
+from iterators.formats.atomic import atomic_write, check_output_file
 
 # (module, name) pairs a genuine pack may reference. numpy 2 writes `numpy._core`; numpy 1.x
 # reads the same objects from `numpy.core`.
@@ -160,6 +160,7 @@ def write_bin(path, bins, issame):
     issame : sequence of bool, length N
     """
     path = os.fspath(path)
+    check_output_file(path, b"\x80", "a verification pack (.bin)")
     bins = [_encoded_bytes(b, i, path) for i, b in enumerate(bins)]
     issame = [bool(x) for x in issame]
     if len(bins) != 2 * len(issame):

@@ -34,7 +34,8 @@ import struct
 
 import numpy as np
 
-from iterators.formats.atomic import atomic_write_text, temp_path
+from iterators.formats.atomic import (PRIVATE_FILE, atomic_write_text, check_output_file, check_output_name,
+                                      temp_path)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,19 @@ IRHeader = collections.namedtuple("IRHeader", ["flag", "label", "id", "id2"])
 
 class RecordFormatError(ValueError):
     """A ``.rec``/``.idx``/``property`` file that does not follow the format (the message says where)."""
+
+
+class RecordLabelError(RecordFormatError):
+    """A record whose label is not a finite number (NaN/inf): the dataset is wrong, not one image."""
+
+
+def _finite_label(value, where):
+    """``value`` (a label read from a record) as float; RecordLabelError naming ``where`` when NaN/inf."""
+    value = float(value)
+    if not np.isfinite(value):
+        raise RecordLabelError(f"{where}: label {value} is not a finite number (NaN/inf in the record header); "
+                               "rebuild the .rec with integer class ids")
+    return value
 
 
 # ----------------------------------------------------------------------------------- property file
@@ -73,8 +87,14 @@ def read_property(data_dir):
             f"property file not found: {path}; it must contain one line 'num_classes,H,W' "
             "(e.g. '85742,112,112'); write it with iterators.formats.recordio.write_property or "
             "python -m iterators.tools.build_rec")
-    with open(path, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordFormatError(f"{path}: byte {exc.start} ({raw[exc.start:exc.start + 1]!r}) is not UTF-8 text; "
+                                "expected one line 'num_classes,H,W'") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise RecordFormatError(f"{path} is empty; expected one line 'num_classes,H,W'")
     result = None
@@ -103,7 +123,7 @@ def write_property(data_dir, num_classes, H, W):
             raise ValueError(f"write_property({data_dir}): {name} must be a positive integer, got {value!r}")
     data_dir = os.fspath(data_dir)
     os.makedirs(data_dir, exist_ok=True)
-    atomic_write_text(os.path.join(data_dir, "property"), "%d,%d,%d\n" % (num_classes, H, W))
+    atomic_write_text(os.path.join(data_dir, "property"), "%d,%d,%d\n" % (num_classes, H, W), mode=PRIVATE_FILE)
 
 
 
@@ -392,7 +412,8 @@ class FaceRecordReader:
             if header.flag < 2:
                 raise RecordFormatError(f"{self.path_imgrec}: header record 0 has label {header.label}; "
                                         "expected [first_identity_record, end_identity_record]")
-            i0, i1 = int(header.label[0]), int(header.label[1])
+            where = f"{self.path_imgrec} header record 0"
+            i0, i1 = (int(_finite_label(v, where)) for v in header.label[:2])
             if not 1 <= i0 <= i1:
                 raise RecordFormatError(f"{self.path_imgrec}: header record 0 has label [{i0}, {i1}]; expected "
                                         "1 <= first_identity_record <= end_identity_record")
@@ -408,7 +429,8 @@ class FaceRecordReader:
                     raise RecordFormatError(
                         f"{self.path_imgrec}: identity record {identity} has label {h.label}; expected "
                         "[start, end) (was this .rec written without insightface's identity records?)")
-                a, b = int(h.label[0]), int(h.label[1])
+                where = f"{self.path_imgrec} identity record {identity}"
+                a, b = (int(_finite_label(v, where)) for v in h.label[:2])
                 self.id2range[identity] = (a, b)
                 imgidx.extend(range(a, b))
             self.imgidx = imgidx
@@ -437,7 +459,7 @@ class FaceRecordReader:
     def read(self, idx):
         """``(label, payload)`` of image record ``idx``; label = header label or ``label[0]`` as int."""
         header, payload = self.read_header(idx)
-        return int(label_of(header)), payload
+        return int(_finite_label(label_of(header), f"{self.path_imgrec} record {idx}")), payload
 
     def labels(self, indices=None):
         """Integer labels of ``indices`` (default ``imgidx``) as an int64 array (reads headers only)."""
@@ -456,7 +478,7 @@ class FaceRecordReader:
             flag, label = struct.unpack_from("<If", head, 8)
             if flag > 0:
                 label = struct.unpack_from("<f", head, 8 + _IR_SIZE)[0]
-            out[n] = int(label)
+            out[n] = int(_finite_label(label, f"{self.path_imgrec} record {idx}"))
         return out
 
     def class_ranges(self, images_filter=0):
@@ -530,6 +552,14 @@ def write_face_rec(out_dir, items, image_size=(112, 112), prefix="train"):
     temporary names, then renamed) once everything succeeded.
     """
     out_dir = os.fspath(out_dir)
+    check_output_name(prefix, "prefix")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"output {out_dir} exists and is not a directory; train.rec/.idx/property are written into "
+                         "a directory")
+    for existing in (os.path.join(out_dir, prefix + ".rec"),):
+        if os.path.isdir(existing):
+            raise ValueError(f"output {existing} is a directory")
+        check_output_file(existing, _MAGIC_BYTES, "a RecordIO file")
     os.makedirs(out_dir, exist_ok=True)
     H, W = (int(v) for v in image_size)
     path_rec = os.path.join(out_dir, prefix + ".rec")
@@ -616,6 +646,6 @@ def write_face_rec(out_dir, items, image_size=(112, 112), prefix="train"):
     }
 
 
-__all__ = ["IRHeader", "RecordFormatError", "read_property", "write_property", "pack", "unpack", "label_of",
+__all__ = ["IRHeader", "RecordFormatError", "RecordLabelError", "read_property", "write_property", "pack", "unpack", "label_of",
            "encode_record", "RecordWriter", "read_index", "read_record_at", "FaceRecordReader",
            "write_face_rec"]

@@ -22,6 +22,7 @@ import sys
 import cv2
 import numpy as np
 
+from iterators.formats.cli import run_cli
 from iterators import augment
 from iterators.formats.recordio import FaceRecordReader, read_property
 
@@ -44,8 +45,15 @@ def inspect_dataset(data_dir, prefix="train", decode=False):
     except (FileNotFoundError, ValueError) as exc:
         errors.append(str(exc))
         num_classes, image_size = None, None
-    with FaceRecordReader(path) as reader:
-        labels = reader.labels()
+    try:
+        reader = FaceRecordReader(path)
+    except (OSError, ValueError) as exc:  # missing file, truncated header record, NaN header, bad index
+        errors.append(str(exc))
+        return {"path_imgrec": path, "header0": None, "num_images": 0, "num_identities": 0,
+                "num_classes": num_classes, "image_size": image_size, "images_per_identity": {}, "label_min": None,
+                "label_max": None, "errors": errors, "warnings": warnings}
+    with reader:
+        imgidx, labels = _readable_labels(reader, reader.imgidx, errors)
         per_identity = []
         if reader.header0 is not None:
             i0, i1 = reader.header0
@@ -55,7 +63,7 @@ def inspect_dataset(data_dir, prefix="train", decode=False):
                                   f"1..{i0 - 1}")
                     continue
                 per_identity.append(b - a)
-                ids = reader.labels(range(a, b)) if b > a else np.zeros(0, np.int64)
+                ids = _readable_labels(reader, range(a, b), [])[1] if b > a else np.zeros(0, np.int64)
                 if ids.size and (ids != ids[0]).any():
                     warnings.append(f"{path} identity record {ident}: images {a}..{b - 1} carry labels "
                                     f"{sorted(set(ids.tolist()))[:5]}; training uses the image labels")
@@ -66,7 +74,7 @@ def inspect_dataset(data_dir, prefix="train", decode=False):
         if num_classes is not None:
             bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
             for k in bad[:20]:
-                errors.append(f"{path} record {reader.imgidx[k]}: label {labels[k]} is outside "
+                errors.append(f"{path} record {imgidx[k]}: label {labels[k]} is outside "
                               f"0..{num_classes - 1} (property num_classes={num_classes})")
             if bad.size > 20:
                 errors.append(f"... and {bad.size - 20} more records with labels outside 0..{num_classes - 1}")
@@ -74,7 +82,7 @@ def inspect_dataset(data_dir, prefix="train", decode=False):
             if unused > 0:
                 warnings.append(f"{unused} of {num_classes} classes have no image")
         if decode and image_size is not None:
-            for rid in reader.imgidx:
+            for rid in imgidx:
                 try:
                     augment.decode_image(reader.read(rid)[1], image_size, f"{path} record {rid}")
                 except ValueError as exc:
@@ -93,6 +101,27 @@ def inspect_dataset(data_dir, prefix="train", decode=False):
             "errors": errors,
             "warnings": warnings,
         }
+
+
+def _readable_labels(reader, indices, errors, limit=20):
+    """``(indices, labels)`` of the records whose label reads; unreadable ones (truncated .rec, an .idx offset
+    past the end, NaN labels) are reported in ``errors`` (at most ``limit`` lines + a count) instead of raising."""
+    indices = list(indices)
+    try:
+        return indices, reader.labels(indices)
+    except (ValueError, KeyError):
+        pass
+    kept, labels, failed = [], [], []
+    for rid in indices:
+        try:
+            labels.append(int(reader.labels([rid])[0]))
+            kept.append(rid)
+        except (ValueError, KeyError) as exc:
+            failed.append(str(exc).strip("'\""))
+    errors.extend(failed[:limit])
+    if len(failed) > limit:
+        errors.append(f"... and {len(failed) - limit} more unreadable records")
+    return kept, np.array(labels, dtype=np.int64)
 
 
 def sample_grid(data_dir, out_png, prefix="train", identities=8, images=8, seed=0):
@@ -161,6 +190,11 @@ def format_report(info):
 
 
 def main(argv=None):
+    """Command-line entry point: bad input ends with one line on stderr and status 1 (``--debug``: traceback)."""
+    return run_cli(_main, argv, "python -m iterators.tools.inspect_dataset")
+
+
+def _main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m iterators.tools.inspect_dataset", description=__doc__.split("\n")[0])
     parser.add_argument("data_dir", help="directory with <prefix>.rec/.idx and property")
     parser.add_argument("--prefix", default="train")
