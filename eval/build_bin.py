@@ -28,6 +28,8 @@ import sys
 import cv2
 import numpy as np
 
+from iterators.formats.atomic import check_output_file
+from iterators.formats.cli import run_cli
 from iterators.formats.bin_pack import write_bin
 from iterators.formats.images import parse_image_size, scan_identity_folder
 from iterators.formats.pairs import read_label_pairs, read_lfw_pairs, sample_pairs
@@ -199,12 +201,18 @@ def build_parser():
 
 
 def main(argv=None):
+    """Command-line entry point: bad input ends with one line on stderr and status 1 (``--debug``: traceback)."""
+    return run_cli(_main, argv, "python -m eval.build_bin")
+
+
+def _main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     encoding = dict(image_size=args.image_size, encode=args.encode, quality=args.quality)
     sampling = dict(nfolds=args.nfolds, seed=args.seed,
                     identity_disjoint={"auto": "auto", "yes": True, "no": False}[args.identity_disjoint], **encoding)
     try:
+        check_output_file(args.output, b"\x80", "a verification pack (.bin)")  # before any work is done
         if args.pairs:
             if args.pairs_format == "lfw":
                 pairs, issame = read_lfw_pairs(args.pairs, args.data_dir, args.ext)

@@ -35,12 +35,13 @@ import time
 import mxnet as mx
 import numpy as np
 
+from iterators.formats.cli import run_cli
 from eval.inference import Embeddings, ModelLoadError, embed, load_embedding_module
 from eval.protocol import (FAR_TARGET, ROC_THRESHOLDS, VAL_THRESHOLDS, FoldError, VerificationResult,
                            _normalize_rows, _threshold_at_far, calculate_accuracy, calculate_roc, calculate_val,
                            calculate_val_far, check_folds, evaluate, evaluate_embeddings, format_lines, kfold,
                            pixel_baseline, roc_from_distances, tpr_at_far, val_from_distances)
-from iterators.formats.atomic import atomic_write_text
+from iterators.formats.atomic import PRIVATE_FILE, atomic_write_text
 from iterators.formats.bin_pack import PackFormatError, read_bin
 from iterators.formats.images import parse_image_size
 
@@ -102,6 +103,11 @@ def load_bin(path, image_size):
     path = os.fspath(path)
     height, width = (int(v) for v in image_size)
     bins, issame_list = read_bin(path)
+    genuine = sum(1 for x in issame_list if x)
+    if issame_list and genuine in (0, len(issame_list)):
+        logger.warning("%s: all %d pairs are %s: its accuracy is meaningless (a constant answer scores 100%%); "
+                       "rebuild it with both genuine and impostor pairs (python -m eval.build_bin)", path,
+                       len(issame_list), "impostor (different people)" if genuine == 0 else "genuine (same person)")
     count = len(bins)
     data_list = [mx.nd.empty((count, 3, height, width)) for _ in range(2)]
     for start in range(0, count, _LOAD_CHUNK):
@@ -206,9 +212,16 @@ def find_epochs(prefix):
 
 
 def _read_image_size(data_dir, flag):
-    if flag:
-        return parse_image_size(flag)
     prop = os.path.join(data_dir, "property")
+    if flag:
+        size = parse_image_size(flag)
+        if os.path.isfile(prop):
+            from iterators.formats.recordio import read_property
+            _, prop_size = read_property(data_dir)
+            if tuple(prop_size) != tuple(size):
+                raise ValueError(f"--image-size {flag} but {prop} says the images are {prop_size[0]}x{prop_size[1]}: "
+                                 "every face would be rescaled; drop --image-size (read from property) or fix it")
+        return size
     if os.path.isfile(prop):
         from iterators.formats.recordio import read_property
         _, size = read_property(data_dir)
@@ -231,7 +244,7 @@ def _select_context(args):
 
 
 def _write_json(path, payload):
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n", mode=PRIVATE_FILE)
 
 
 def plot_roc(curves, path):
@@ -266,6 +279,11 @@ def build_parser():
 
 
 def main(argv=None):
+    """Command-line entry point: bad input ends with one line on stderr and status 1 (``--debug``: traceback)."""
+    return run_cli(_main, argv, "python -m eval.verification")
+
+
+def _main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cpu and args.gpu is not None:

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from iterators.formats.cli import run_cli
 from recognition.config import load_config
 from recognition.engine import LOG_FORMAT, fit
 
@@ -111,6 +112,11 @@ def sface_pack(output, data_dir, image_size, validation_split=0, cache_dir=None)
 
 
 def main(argv=None):
+    """Command-line entry point: bad input ends with one line on stderr and status 1 (``--debug``: traceback)."""
+    return run_cli(_main, argv, "python -m recognition.demo")
+
+
+def _main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_run", help="directory for data, the run and results")

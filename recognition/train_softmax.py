@@ -6,12 +6,18 @@ training ends (``--max-steps`` or ``--end-epoch``), 1 on a configuration error o
 import logging
 import sys
 
+from iterators.formats.cli import run_cli
 from recognition.hooks import NonFiniteError
 from recognition.config import ConfigError, parse_args
 from recognition.engine import LOG_FORMAT, fit
 
 
 def main(argv=None):
+    """Command-line entry point: bad input ends with one line on stderr and status 1 (``--debug``: traceback)."""
+    return run_cli(_main, argv, "python -m recognition.train_softmax")
+
+
+def _main(argv=None):
     """Console entry point (``insightface-train-softmax``)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:

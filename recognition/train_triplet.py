@@ -20,6 +20,7 @@ import sys
 
 import mxnet as mx
 
+from iterators.formats.cli import run_cli
 from iterators.formats.atomic import atomic_write_text
 from iterators.triplet_iter import NoTripletsError
 from recognition.config import ConfigError, build_arg_parser, parse_args
@@ -173,6 +174,11 @@ def train(config, hooks=None):
 
 
 def main(argv=None):
+    """Command-line entry point: bad input ends with one line on stderr and status 1 (``--debug``: traceback)."""
+    return run_cli(_main, argv, "python -m recognition.train_triplet")
+
+
+def _main(argv=None):
     """Console entry point (``insightface-train-triplet``)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:

@@ -34,6 +34,7 @@ import sys
 import cv2
 import numpy as np
 
+from iterators.formats.cli import run_cli
 from iterators.formats.images import parse_image_size, scan_identity_folder
 from iterators.formats.recordio import write_face_rec
 
@@ -227,6 +228,11 @@ def _parse_size(text):
 
 
 def main(argv=None):
+    """Command-line entry point: bad input ends with one line on stderr and status 1 (``--debug``: traceback)."""
+    return run_cli(_main, argv, "python -m iterators.tools.build_rec")
+
+
+def _main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m iterators.tools.build_rec", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", required=True, help="folder tree DIR/<identity>/<image> or a face2rec2 .lst")

@@ -26,6 +26,7 @@ import zipfile
 import cv2
 import numpy as np
 
+from iterators.formats.cli import run_cli
 from iterators.formats.bin_pack import write_bin
 from iterators.formats.pairs import sample_pairs
 from iterators.formats.recordio import write_face_rec
@@ -313,6 +314,11 @@ def fetch_sface(cache_dir=None):
 
 # ----------------------------------------------------------------------------------- CLI
 def main(argv=None):
+    """Command-line entry point: bad input ends with one line on stderr and status 1 (``--debug``: traceback)."""
+    return run_cli(_main, argv, "python -m iterators.tools.datasets")
+
+
+def _main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m iterators.tools.datasets", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="dataset", required=True)
