@@ -139,7 +139,7 @@ class ClassShard:
         for name, arr in self.params.items():
             if full_params is not None and name in full_params:
                 src = full_params[name]
-                if src.shape[0] != self.stop - self.start and src.shape[0] < self.stop:
+                if src.shape[0] < self.stop:
                     raise ValueError(f"{name} has {src.shape[0]} rows; shard {self.index} needs rows "
                                      f"[{self.start}, {self.stop})")
                 arr[:] = src[self.start:self.stop].as_in_context(self.ctx)
@@ -154,7 +154,10 @@ class ClassShard:
     # ---------------------------------------------------------------- step
     def forward(self, embedding, labels):
         """Logits of the global batch on this shard. ``embedding`` (B, D) NDArray, ``labels`` (B,) numpy
-        global class ids. Returns ``(logits, onehot, local_label)`` on this shard's context."""
+        global class ids. Returns ``(logits, onehot)`` on this shard's context (one-hot rows of samples whose
+        class is not on this shard, or not sampled, are zero: no margin, no target).
+
+        Partial FC: a step with more positives than ``num_sample`` binds (once) an executor for that many rows."""
         local = labels - self.start
         if self.sampled:
             inside = (local >= 0) & (local < self.num_classes)
