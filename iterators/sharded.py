@@ -92,11 +92,7 @@ class ShardedFaceImageIter(FaceImageIter):
             self.cur = end
             rng_state = self._rng.bit_generator.state
             params = [self._draw() for _ in ids]
-            if self._executor is not None:
-                task = self._executor.submit(self._load_chunk, ids, params)
-            else:
-                task = lambda ids=ids, params=params: self._load_chunk(ids, params)  # noqa: E731
-            self._pending.append((start, len(ids), rng_state, task))
+            self._submit(start, ids, rng_state, params)
 
 
 class ShardedTripletFaceImageIter(TripletFaceImageIter):

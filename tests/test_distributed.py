@@ -93,7 +93,7 @@ def test_shards_are_disjoint_and_cover_the_epoch(data_dir):
         assert it.num_batches == 49 // (B * W)
         ids = []
         orig = it._load_chunk
-        it._load_chunk = lambda rids, params, orig=orig: (ids.extend(rids), orig(rids, params))[1]
+        it._load_chunk = lambda rids, params, *outs, orig=orig: (ids.extend(rids), orig(rids, params, *outs))[1]
         assert sum(1 for _ in it) == it.num_batches
         seen.append(ids)
     flat = [i for ids in seen for i in ids]

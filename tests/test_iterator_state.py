@@ -68,18 +68,20 @@ def json_round_trip(state):
 
 
 class DecodeCounter:
-    """Wraps augment.decode_image; records the record ids decoded (from the ``where`` argument)."""
+    """Wraps augment.decode_image and augment.decode_bgr (FaceImageIter's); records the record ids decoded (from
+    the ``where`` argument)."""
 
     def __init__(self, monkeypatch):
         self.ids = []
-        real = augment.decode_image
+        for name in ("decode_image", "decode_bgr"):
+            monkeypatch.setattr(augment, name, self._counting(getattr(augment, name)))
 
+    def _counting(self, real):
         def counting(payload, image_size, where="image"):
             match = re.search(r"record (\d+)", where)
             self.ids.append(int(match.group(1)) if match else -1)
             return real(payload, image_size, where)
-
-        monkeypatch.setattr(augment, "decode_image", counting)
+        return counting
 
 
 # --------------------------------------------------------------------------------------------- FaceImageIter

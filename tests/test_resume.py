@@ -113,9 +113,9 @@ class CountingFaceIter(FaceImageIter):
         self.decoded, self.next_calls = [], 0
         super().__init__(*args, **kwargs)
 
-    def _load(self, rid, params):
+    def _load(self, rid, params, out=None):
         self.decoded.append((self._epoch, rid))
-        return super()._load(rid, params)
+        return super()._load(rid, params, out)
 
     def next(self):
         self.next_calls += 1
