@@ -282,15 +282,17 @@ def _train_steps(module, batches, lr=0.1):
         module.update()
 
 
-def test_partial_fc_rate_one_equals_model_parallel():
-    """The sampled path (gather rows, train, scatter rows and momentum) with every row sampled == the
-    model-parallel path, over several SGD steps."""
-    cfg = head_config("combined", 11)
+@pytest.mark.parametrize("loss", ["combined", "softmax"])
+def test_partial_fc_rate_one_equals_model_parallel(loss):
+    """The sampled path (gather rows, train, lazy row-sparse update of rows and momentum) with every row
+    sampled == the model-parallel path, over several SGD steps (softmax: the bias rows too)."""
+    cfg = head_config(loss, 11)
     contexts = [mx.cpu(0), mx.cpu(1)]
     _, mp, _ = bound_pair(cfg, contexts)
     _, pfc, _ = bound_pair(cfg, contexts, always_sample=True)
     assert pfc.shards[0].sampled and not mp.shards[0].sampled
     batches = [batch_of(8, 11, seed=s) for s in range(4)]
+    assert sorted(mp.get_params()[0]) == sorted(pfc.get_params()[0])
     _train_steps(mp, batches)
     _train_steps(pfc, batches)
     a, b = mp.get_params()[0], pfc.get_params()[0]
