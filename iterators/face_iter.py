@@ -451,8 +451,9 @@ class FaceImageIter(DecodeWorkersMixin, mx.io.DataIter):
                 img = augment.apply_cutoff(img, self.cutoff, centre, CUTOFF_FILL)
             return rid, label, augment.bgr_to_chw_float(img, out), None
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        if color is not None:
-            img = augment.apply_color_jitter(img, color)
+        if color is not None:  # into a per-thread HWC buffer unless aug_list callables might keep the image
+            img = augment.apply_color_jitter(
+                img, color, out=None if self.aug_list else augment.thread_scratch("face_iter", img.shape))
         if centre is not None:
             img = augment.apply_cutoff(img, self.cutoff, centre, CUTOFF_FILL)
         if self.aug_list:

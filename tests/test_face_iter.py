@@ -434,3 +434,39 @@ def test_decode_bgr_equals_decode_image_and_bgr_to_chw_float_equals_to_chw_float
             np.testing.assert_array_equal(augment.bgr_to_chw_float(bgr_img, out), augment.to_chw_float(rgb_img))
     with pytest.raises(augment.ImageDecodeError, match=r"rec record 2: 5 bytes do not decode"):
         augment.decode_bgr(b"hello", (12, 12), "rec record 2")
+
+
+def _previous_apply_color_jitter(img, params):
+    """apply_color_jitter as first written (numpy broadcasting over the channel axis): the bitwise reference."""
+    if params["quality"] is not None:
+        img = augment.jpeg_compress(img, params["quality"])
+    x = img.astype(np.float32)
+    for op in params["order"]:
+        a = np.float32(params["alpha"][op])
+        if op == 0:
+            x *= a
+        elif op == 1:
+            gray = (x * augment.GRAY_COEF).sum(dtype=np.float32) * np.float32(3.0 * (1.0 - a) / x.size)
+            x *= a
+            x += gray
+        else:
+            gray = (x * augment.GRAY_COEF).sum(axis=2, keepdims=True, dtype=np.float32)
+            gray *= np.float32(1.0 - a)
+            x *= a
+            x += gray
+    return x
+
+
+def test_apply_color_jitter_bitwise_equal_to_the_first_version():
+    rng = np.random.default_rng(4)
+    for k in range(150):
+        shape = (112, 112) if k % 3 else tuple(int(v) for v in rng.integers(1, 60, 2))
+        img = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+        if k % 2:
+            img = img.astype(np.float32) * np.float32(1.7)  # float input (e.g. after an earlier augmenter)
+        params = augment.draw_color_jitter(rng, jpeg=k % 4 == 0 and img.dtype == np.uint8)
+        want = _previous_apply_color_jitter(img, params)
+        np.testing.assert_array_equal(augment.apply_color_jitter(img, params), want)
+        out = np.full(shape + (3,), np.nan, dtype=np.float32)
+        assert augment.apply_color_jitter(img, params, out=out) is out
+        np.testing.assert_array_equal(out, want)
