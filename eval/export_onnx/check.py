@@ -10,6 +10,7 @@ reports ``max |onnx - mxnet| / max |mxnet|`` over
 
 Passing means the relative difference is at most ``tolerance`` (1e-4) and, with a pack, equal accuracies.
 """
+import json
 import logging
 import time
 
@@ -80,6 +81,46 @@ def mxnet_embed(module, images, batch_size):
     return np.concatenate(outs)
 
 
+def reference_module(prefix, epoch, batch_size, image_size):
+    """(inference Module of the checkpoint, note): ``eval.inference.load_embedding_module``.
+
+    A symbol naming the optional ``fused_prelu`` operator loads only in a process that loaded its library; then
+    the reference is the same checkpoint with those nodes read as ``LeakyReLU(prelu)`` (same forward function;
+    ``eval.symbol_rewrite``), and the note says so.
+    """
+    import mxnet as mx
+
+    from eval.inference import load_embedding_module
+
+    try:
+        return load_embedding_module(prefix, epoch, mx.cpu(), batch_size, image_size), ""
+    except mx.base.MXNetError as exc:
+        if "fused_prelu" not in str(exc):
+            raise
+    from eval.checkpoint_shapes import check_params
+    from eval.symbol_rewrite import inference_symbol, rewrite_fused_prelu
+
+    with open(f"{prefix}-symbol.json", encoding="utf-8") as f:
+        doc = json.load(f)
+    rewrite_fused_prelu(doc)
+    sym = inference_symbol(mx.sym.load_json(json.dumps(doc)).get_internals()["fc1_output"])
+    arg_params, aux_params = _load_params(prefix, epoch)
+    data_shape = (batch_size, 3) + tuple(image_size)
+    check_params(sym, arg_params, aux_params, {"data": data_shape}, allow_missing=False,
+                 what="%s-%04d.params" % (prefix, epoch))
+    module = mx.mod.Module(symbol=sym, context=mx.cpu(), label_names=None)
+    module.bind(data_shapes=[("data", data_shape)], for_training=False)
+    module.set_params(arg_params, aux_params, allow_extra=True)
+    return module, "fused_prelu nodes read as LeakyReLU(prelu): the operator library is not loaded in this process"
+
+
+def _load_params(prefix, epoch):
+    from .cli import load_checkpoint_files
+
+    _, arg_params, aux_params = load_checkpoint_files(prefix, epoch)
+    return arg_params, aux_params
+
+
 def relative_difference(a, b):
     """``max |a - b| / max |b|`` (the tolerance is relative to the embedding's scale)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -106,14 +147,11 @@ def check(onnx_path, prefix, epoch, image_size=(112, 112), pack=None, batch_size
     tolerance : maximum ``max |onnx - mxnet| / max |mxnet|``
     random_count, seed : the random images
     """
-    import mxnet as mx
-
-    from eval.inference import load_embedding_module
     from eval.protocol import evaluate_embeddings
 
     sess = session(onnx_path)
-    module = load_embedding_module(prefix, epoch, mx.cpu(), batch_size, image_size)
-    report = {"onnx": onnx_path, "model": f"{prefix},{epoch}", "tolerance": tolerance}
+    module, note = reference_module(prefix, epoch, batch_size, image_size)
+    report = {"onnx": onnx_path, "model": f"{prefix},{epoch}", "tolerance": tolerance, "reference_note": note}
     images = random_images(random_count, image_size, seed)
     tic = time.perf_counter()
     ref = mxnet_embed(module, images, batch_size)
@@ -150,7 +188,8 @@ def check(onnx_path, prefix, epoch, image_size=(112, 112), pack=None, batch_size
 def format_report(report):
     """Console lines of a :func:`check` report."""
     r = report["random"]
-    lines = [f"check {report['onnx']} vs {report['model']}:",
+    lines = [f"check {report['onnx']} vs {report['model']}" + (f" ({report['reference_note']})"
+                                                               if report.get("reference_note") else "") + ":",
              f"  random images ({r['images']}): max |onnx - mxnet| = {r['max_abs_diff']:.3g} "
              f"(max |embedding| {r['max_abs_embedding']:.3g}; relative {r['max_rel_diff']:.3g})"]
     p = report.get("pack")

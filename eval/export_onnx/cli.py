@@ -90,7 +90,7 @@ def main(argv=None):
 
 
 def _run(args):
-    from . import check as check_mod
+    from .check import check, format_report
     from .exporter import export, parse_batch
 
     prefix, epoch = parse_model(args.model)
@@ -108,9 +108,9 @@ def _run(args):
     payload = {"export": {k: v for k, v in info.items() if k != "prelu_slopes"}}
     status = 0
     if args.check:
-        report = check_mod.check(args.output, prefix, epoch, image_size=image_size, pack=args.check_pack or None,
+        report = check(args.output, prefix, epoch, image_size=image_size, pack=args.check_pack or None,
                                  batch_size=args.batch_size, tolerance=args.tolerance)
-        for line in check_mod.format_report(report):
+        for line in format_report(report):
             print(line)
         payload["check"] = report
         status = 0 if report["passed"] else EXIT_CHECK_FAILED

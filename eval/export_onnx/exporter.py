@@ -16,6 +16,7 @@ its converter (``MXNetGraph.create_onnx_graph_proto``) with the chosen opset and
 The graph-side rewrites (PReLU patterns, Flatten before FullyConnected, Dropout, fix_gamma) are in
 :mod:`eval.export_onnx.graph`.
 """
+import contextlib
 import logging
 import time
 
@@ -60,6 +61,38 @@ def parse_batch(text):
     if value < 1:
         raise ValueError(f"--batch {text!r}: expected 'dynamic' or a positive integer")
     return value
+
+
+@contextlib.contextmanager
+def _raw_initializers():
+    """Make MXNet's converter store weights as ``raw_data`` bytes instead of ``float_data`` lists.
+
+    Its ``null`` translation (``convert_weights_and_inputs``) calls ``onnx.helper.make_tensor(vals=arr.tolist())``;
+    with protobuf<4 on Python 3.11 (pure-Python protobuf: no C++ wheel exists) building, copying and serialising
+    those repeated fields costs minutes for r50 (43M floats went through ``CheckValue`` one by one). Same tensors,
+    same file semantics; the translation is swapped for the duration of the export and restored.
+    """
+    from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
+    from onnx import helper, numpy_helper
+
+    def weights(node, kwargs):
+        name = node["name"]
+        array = np.ascontiguousarray(kwargs["weights"][name])
+        kwargs["initializer"].append(numpy_helper.from_array(array, name))
+        elem = helper.np_dtype_to_tensor_dtype(array.dtype)
+        return [helper.make_tensor_value_info(name, elem, array.shape)], (array.dtype,)
+
+    def wrap(original):  # graph inputs (``data``) still go through MXNet's own translation
+        return lambda node, **kwargs: weights(node, kwargs) if kwargs["is_input"] is False else original(node, **kwargs)
+
+    saved = {version: table["null"] for version, table in MXNetGraph.registry_.items() if "null" in table}
+    for version, original in saved.items():
+        MXNetGraph.registry_[version]["null"] = wrap(original)
+    try:
+        yield
+    finally:
+        for version, fn in saved.items():
+            MXNetGraph.registry_[version]["null"] = fn
 
 
 def _set_dims(value_info, dims):
@@ -140,9 +173,10 @@ def export(symbol_json, arg_params, aux_params, output, image_size=(112, 112), b
     dynamic = batch is None
     tensor_type = onnx.mapping.NP_TYPE_TO_TENSOR_TYPE[np.dtype(np.float32)]
     try:
-        graph = MXNetGraph().create_onnx_graph_proto(
-            sym, params, [in_shape], [tensor_type], opset_version=int(opset), dynamic=dynamic,
-            dynamic_input_shapes=[(BATCH_DIM,) + in_shape[1:]] if dynamic else None)
+        with _raw_initializers():
+            graph = MXNetGraph().create_onnx_graph_proto(
+                sym, params, [in_shape], [tensor_type], opset_version=int(opset), dynamic=dynamic,
+                dynamic_input_shapes=[(BATCH_DIM,) + in_shape[1:]] if dynamic else None)
     except Exception as exc:  # noqa: BLE001 - the converter raises bare AttributeError/KeyError/...
         raise OnnxExportError(f"MXNet's ONNX converter failed: {type(exc).__name__}: {exc}") from exc
     opsets = [helper.make_opsetid("", int(opset))]
