@@ -37,6 +37,7 @@ import numpy as np
 from iterators.formats.atomic import (PRIVATE_FILE, TMP_PREFIX, atomic_write, atomic_write_text,
                                       clean_stale_temporaries, file_mode, fsync_dir, temp_dir)
 from recognition.hooks import Hook, NonFiniteError
+from symbols.ops import portable_json
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +123,11 @@ def save_checkpoint(prefix, epoch, symbol, arg_params, aux_params):
 
     Returns the params path.
     """
-    sym_json = symbol.tojson()
     if hasattr(symbol, "_remove_amp_cast"):  # as mx.model.save_checkpoint(remove_amp_cast=True)
-        sym_json = symbol._remove_amp_cast().tojson()
-    atomic_write_text(f"{prefix}-symbol.json", sym_json, mode=PRIVATE_FILE)
+        symbol = symbol._remove_amp_cast()
+    # A graph trained with the fused C++ PReLU is saved as the equivalent standard graph: the checkpoint then
+    # loads anywhere (insightface's tools, GPUs, machines without the library), with the same parameters.
+    atomic_write_text(f"{prefix}-symbol.json", portable_json(symbol), mode=PRIVATE_FILE)
     params_path = "%s-%04d.params" % (prefix, epoch)
     save_params(params_path, arg_params, aux_params)
     return params_path
@@ -676,7 +678,7 @@ class CheckpointSaver(Hook):
         get_iter_state = getattr(trainer.train_iter, "state_dict", None)
         self.last_resume_state = save_resume_state(
             self.run_dir, payload, arg_params, aux_params, lambda path: save_optimizer_states(trainer.module, path),
-            symbol_json=trainer.symbol.tojson(), iterator_state=get_iter_state() if get_iter_state else None,
+            symbol_json=portable_json(trainer.symbol), iterator_state=get_iter_state() if get_iter_state else None,
             keep=self.keep)
         return self.last_resume_state
 

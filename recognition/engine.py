@@ -468,6 +468,9 @@ def fit(config, make_train_iter=None, metrics=None, symbol=None, hooks=None):
     left intact).
     """
     cfg, run_dir = resolve_run_config(config)
+    if cfg.fused_prelu and not cfg.gpus:
+        from symbols import ops
+        ops.load()  # before Horovod is imported: mx.library.load after `import horovod.mxnet` crashes (SIGFPE)
     dist = distributed.setup(cfg)
     os.makedirs(run_dir, exist_ok=True)
     # one training per run directory (its lock also clears what killed writers left there)
@@ -498,7 +501,13 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol, user_hooks):
 
     if symbol is None:
         import symbols
-        symbol = symbols.get_symbol(cfg)
+        from symbols import ops
+        # the fused PReLU has CPU kernels only; on GPUs (or when switched off) the same graph is built without it
+        previous = ops.set_enabled(cfg.fused_prelu and all(c.device_type == "cpu" for c in contexts))
+        try:
+            symbol = symbols.get_symbol(cfg)
+        finally:
+            ops.set_enabled(previous)
     saver = CheckpointSaver.from_config(cfg, run_dir)
     resume = None
     if cfg.resume:

@@ -42,7 +42,10 @@ def prelu(data, name, num_channels, fast=True, ndim=4):
     num_channels : int
         C, the size of axis 1.
     fast : bool
-        False -> ``LeakyReLU(act_type='prelu')`` (insightface's graph). True -> see :func:`fast_prelu`.
+        False -> ``LeakyReLU(act_type='prelu')`` (insightface's graph). True -> the fused C++ operator of
+        :mod:`symbols.ops` when it is built, loaded and allowed (CPU), else the :func:`fast_prelu` graph; all three
+        have the same parameter and the same numbers (checkpoints written by the engine always hold a graph that
+        needs no library, see :func:`symbols.ops.portable_symbol`).
     ndim : int
         Rank of ``data`` (4 or 2).
 
@@ -53,6 +56,9 @@ def prelu(data, name, num_channels, fast=True, ndim=4):
     if not fast:
         return mx.sym.LeakyReLU(data=data, act_type="prelu", name=name)
     gamma = mx.sym.Variable(name + "_gamma", shape=(num_channels,), init=mx.init.Constant(PRELU_INIT))
+    from . import ops
+    if ops.available():
+        return ops.prelu_op(data, gamma, name, num_channels)
     return fast_prelu(data, gamma, name, num_channels, ndim=ndim)
 
 
@@ -84,7 +90,7 @@ def fast_prelu(data, gamma, name, num_channels, ndim=4):
     weight = mx.sym.reshape(gamma, shape=(num_channels, 1, 1), name=name + "_weight")
     scaled = mx.sym.Convolution(data=flat, weight=weight, num_filter=num_channels, num_group=num_channels,
                                 kernel=(1,), no_bias=True, name=name + "_scale")
-    scaled = mx.sym.reshape_like(mx.sym.Flatten(scaled), data, name=name + "_scaled")
+    scaled = mx.sym.reshape_like(mx.sym.Flatten(scaled, name=name + "_flatten"), data, name=name + "_scaled")
     return mx.sym.elemwise_add(pos, scaled, name=name)
 
 

@@ -415,3 +415,41 @@ def test_grad_req_null_respected_and_add_overwrites(op_loaded):
             assert np.array_equal(grads["g"].asnumpy(), np.ones(3, np.float32))
         else:  # 'add' would give 1 + dgamma; the library API writes dgamma
             np.testing.assert_allclose(grads["g"].asnumpy(), dg_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_horovod_imported_first_gives_the_fallback_not_a_crash():
+    """mx.library.load after `import horovod.mxnet` dies with SIGFPE: load() must refuse and fall back."""
+    import importlib.util
+    if importlib.util.find_spec("horovod") is None:
+        pytest.skip("horovod is not installed (make install-dist)")
+    code = ("import horovod.mxnet\nfrom symbols import ops\nimport symbols\n"
+            "assert ops.load() is False, ops.status()\nassert 'horovod' in ops.status()['reason']\n"
+            "symbols.get_embedding('r18', emb_size=8, net_multiplier=0.25)\nprint('fallback ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_engine_trains_with_the_fused_op_and_saves_a_portable_checkpoint(tmp_path):
+    """On CPU contexts the engine's PReLU is the fused operator (its kernels run) and every saved
+    ``-symbol.json`` is the standard graph; ``fused_prelu = False`` trains the fast_prelu graph."""
+    if not ops.load():
+        pytest.skip(f"fused operator unavailable here: {ops.status()['reason']}")
+    from data_fixtures import make_synthetic_dataset
+    from recognition.config import load_config
+    from recognition.engine import fit
+    data = make_synthetic_dataset(tmp_path, identities=4, images_per_identity=4, image_size=32, holdout_identities=0)
+    base = {"dataset_path": data, "network": "r18", "net_multiplier": 0.25, "emb_size": 16, "image_shape": "32,32,3",
+            "per_batch_size": 4, "max_steps": 2, "verbose": 2, "frequent": 1, "lr": 0.01, "data_workers": 1,
+            "val_targets": ""}
+    ops.reset_call_counts()
+    result = fit(load_config(overrides={**base, "prefix": str(tmp_path / "fused" / "model")}))
+    assert ops.call_counts()["forward"] > 0 and ops.call_counts()["backward"] > 0
+    saved = open(result.prefix + "-symbol.json").read()
+    assert not ops.uses_fused_op(saved)
+    sym, arg, aux = mx.model.load_checkpoint(result.prefix, 0)
+    assert any(name.endswith("_gamma") for name in arg)
+    ops.reset_call_counts()
+    fit(load_config(overrides={**base, "fused_prelu": False, "prefix": str(tmp_path / "graph" / "model")}))
+    assert ops.call_counts()["forward"] == 0
+    assert ops.available()  # the engine's choice does not leak into later symbol builds

@@ -11,7 +11,8 @@ Public API
 ----------
 - :func:`load` () -> bool: build (cached) and load the library once per process; logs once which PReLU is used
   and why. ``INSIGHTFACE_MX_FUSED_PRELU=0`` disables it (checked at every call).
-- :func:`available` () -> bool: ``load()`` and not disabled.
+- :func:`available` () -> bool: ``load()``, not disabled and allowed by :func:`set_enabled` (the engine
+  forbids it on GPU contexts).
 - :func:`status` () -> dict: ``used``, ``reason``, ``path``.
 - :func:`prelu` (data, name, num_channels, ndim=4, gamma=None) -> Symbol: the fused op when available, else
   ``fast_prelu``; the slope parameter is always ``<name>_gamma`` (C,), init Constant(0.25), so checkpoints
@@ -32,6 +33,7 @@ or ``symbols.common.fast_prelu``).
 import ctypes
 import logging
 import os
+import sys
 import threading
 
 import mxnet as mx
@@ -43,14 +45,14 @@ from .portable import (OP_NAME, fuse_symbol, portable_json, portable_symbol, sav
 logger = logging.getLogger(__name__)
 
 __all__ = ["OP_NAME", "ENV_SWITCH", "load", "available", "status", "prelu", "prelu_op", "call_counts",
-           "reset_call_counts", "portable_symbol", "portable_json", "fuse_symbol", "uses_fused_op",
+           "reset_call_counts", "set_enabled", "portable_symbol", "portable_json", "fuse_symbol", "uses_fused_op",
            "save_checkpoint", "disabled"]
 
 ENV_SWITCH = "INSIGHTFACE_MX_FUSED_PRELU"
 _OFF_VALUES = ("0", "off", "false", "no", "disable", "disabled")
 
 _lock = threading.Lock()
-_state = {"tried": False, "loaded": False, "path": None, "reason": None, "cdll": None, "logged": set()}
+_state = {"enabled": True, "tried": False, "loaded": False, "path": None, "reason": None, "cdll": None, "logged": set()}
 
 
 def disabled():
@@ -86,7 +88,17 @@ def load():
         return _state["loaded"]
 
 
+# Python modules after whose import mx.library.load kills the process with SIGFPE (horovod.mxnet registers its own
+# operators through its C++ extension; reproduced with horovod 0.28.1 + mxnet 1.9.1). Loading first is safe.
+_LOAD_BLOCKERS = ("horovod.mxnet",)
+
+
 def _try_load():
+    blockers = [name for name in _LOAD_BLOCKERS if name in sys.modules]
+    if blockers and not (hasattr(mx.sym, OP_NAME) and hasattr(mx.nd, OP_NAME)):
+        _state["reason"] = (f"{', '.join(blockers)} is already imported and mx.library.load would crash the process "
+                            "(SIGFPE); load symbols.ops before importing it")
+        return
     if hasattr(mx.sym, OP_NAME) and hasattr(mx.nd, OP_NAME):
         # registered by someone else (e.g. mx.library.load of another copy): usable, but no call counters
         _state.update(loaded=True, path=None, reason="already registered in this process")
@@ -113,9 +125,20 @@ def _try_load():
     _state.update(loaded=True, path=path, reason="built and loaded", cdll=cdll)
 
 
+def set_enabled(flag):
+    """Allow (True, the default) or forbid the fused operator in symbols built from now on in this process.
+
+    The operator has CPU kernels only: the engine forbids it when it trains on a GPU context, and a caller that
+    binds symbols on a GPU itself should do the same. Returns the previous setting.
+    """
+    previous = _state["enabled"]
+    _state["enabled"] = bool(flag)
+    return previous
+
+
 def available():
-    """True when the fused operator is loaded and not disabled (builds/loads on first call)."""
-    return load()
+    """True when the fused operator is allowed, loaded and not disabled (builds/loads on first call)."""
+    return _state["enabled"] and load()
 
 
 def status():
