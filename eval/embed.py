@@ -48,6 +48,7 @@ import numpy as np
 
 from eval.inference import ModelLoadError, embed, load_embedding_module
 from eval.protocol import _normalize_rows
+from eval.runtime import configure_threads
 from iterators.formats.atomic import atomic_write, atomic_write_text
 from iterators.formats.images import IMAGE_EXTENSIONS, parse_image_size, scan_identity_folder
 
@@ -340,6 +341,7 @@ def main(argv=None):
     if "," not in args.model:
         parser.error("--model must be prefix,epoch")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    configure_threads()
     try:
         prefix, epoch = args.model.rsplit(",", 1)
         image_size = parse_image_size(args.image_size)

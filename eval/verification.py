@@ -38,14 +38,15 @@ import cv2
 import mxnet as mx
 import numpy as np
 
-from iterators.formats.cli import run_cli
 from eval.inference import Embeddings, ModelLoadError, embed, load_embedding_module
 from eval.protocol import (FAR_TARGET, ROC_THRESHOLDS, VAL_THRESHOLDS, FoldError, VerificationResult,
                            _normalize_rows, _threshold_at_far, calculate_accuracy, calculate_roc, calculate_val,
                            calculate_val_far, check_folds, evaluate, evaluate_embeddings, format_lines, kfold,
                            pixel_baseline, roc_from_distances, tpr_at_far, val_from_distances)
+from eval.runtime import configure_threads
 from iterators.formats.atomic import PRIVATE_FILE, atomic_write_text
 from iterators.formats.bin_pack import PackFormatError, read_bin
+from iterators.formats.cli import run_cli
 from iterators.formats.images import parse_image_size
 
 logger = logging.getLogger(__name__)
@@ -336,6 +337,7 @@ def _main(argv=None):
     if args.batch_size < 1 or args.nfolds < 1:
         parser.error("--batch-size and --nfolds must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_threads()
     try:
         return _run(args)
     except (FileNotFoundError, PackFormatError, ModelLoadError, ValueError) as exc:

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from eval.runtime import configure_threads
 from iterators.formats.cli import run_cli
 from recognition.config import load_config
 from recognition.engine import LOG_FORMAT, fit
@@ -129,6 +130,7 @@ def _main(argv=None):
                         help="override a key of configs/orl_demo.py (recipe exploration)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_threads()
     start = time.time()
     output = os.path.abspath(args.output)
     data_dir = os.path.join(output, "data")

@@ -6,6 +6,7 @@ training ends (``--max-steps`` or ``--end-epoch``), 1 on a configuration error o
 import logging
 import sys
 
+from eval.runtime import configure_threads
 from iterators.formats.cli import run_cli
 from recognition.hooks import NonFiniteError
 from recognition.config import ConfigError, parse_args
@@ -22,6 +23,7 @@ def _main(argv=None):
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         config = parse_args(argv)
+        configure_threads(ctx=config.ctx)
         result = fit(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ import sys
 
 import mxnet as mx
 
+from eval.runtime import configure_threads
 from iterators.formats.cli import run_cli
 from iterators.formats.atomic import atomic_write_text
 from iterators.triplet_iter import NoTripletsError
@@ -182,7 +183,9 @@ def _main(argv=None):
     """Console entry point (``insightface-train-triplet``)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
-        result, bag_stats = train(parse_triplet_args(argv))
+        config = parse_triplet_args(argv)
+        configure_threads(ctx=config.ctx)
+        result, bag_stats = train(config)
     except (ConfigError, NonFiniteError, NoTripletsError, FileNotFoundError, ValueError) as exc:
         # Configuration and data errors (bag larger than the dataset, missing train.rec, no triplets left
         # at this alpha): the message names the value and the fix, a traceback would add nothing.
