@@ -75,6 +75,9 @@ config.model_parallel = False    # True: fc7 split by class over the devices (in
 config.sample_rate = 1.0         # Partial FC (insightface partial_fc): per step each shard trains its positive
                                  # classes + uniform negatives up to sample_rate x its classes; 0 < r <= 1 (< 1
                                  # implies model_parallel)
+config.fp16 = False              # GPU: float16 body, float32 embedding/head/master weights (SGD multi_precision),
+                                 # dynamic loss scaling with overflow skip (insightface train_parall --fp16-scale)
+config.fp16_scale = 0.0          # initial loss scale (> 0 implies fp16, as train_parall; 0 = 65536)
 config.max_steps = 0             # stop after this many global batches (0 = no limit)
 config.end_epoch = 10000         # Module.fit num_epoch (effectively unlimited; use max_steps)
 

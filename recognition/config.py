@@ -244,6 +244,14 @@ def validate(cfg):
         bad("dist" if cfg.dist != "none" else "kvstore", str(exc))
     if not 0.0 < cfg.sample_rate <= 1.0:
         bad("sample_rate", "Partial FC sample rate must be in (0, 1] (1 = every class, e.g. 0.1 = 10%)")
+    if cfg.fp16_scale < 0 or not math.isfinite(cfg.fp16_scale):
+        bad("fp16_scale", "must be a finite loss scale >= 0 (0 = the default 65536)")
+    if cfg.fp16_scale > 0:
+        cfg.fp16 = True  # insightface train_parall: --fp16-scale > 0 turns fp16 on
+    if cfg.fp16 and (_registries()["loss"].lookup(cfg.loss).is_triplet or cfg.model_parallel or cfg.sample_rate < 1.0
+                     or cfg.dist != "none" or cfg.kvstore.startswith("dist")):
+        bad("fp16", "float16 training needs a softmax-family loss in one process without --model-parallel / "
+            "--sample-rate (overflow skips are not synchronised across ranks)")
     if (cfg.model_parallel or cfg.sample_rate < 1.0) and _registries()["loss"].lookup(cfg.loss).is_triplet:
         bad("model_parallel" if cfg.model_parallel else "sample_rate", "model-parallel fc7 / Partial FC need a "
             "softmax-family loss (a triplet head has no fc7)")
@@ -438,6 +446,8 @@ def build_arg_parser(description="Train a face-recognition network (insightface 
     add(g, "--dist-timeout", "dist_timeout", int, "seconds a rank waits for the others before the job stops")
     add(g, "--model-parallel", "model_parallel", int, "1 = fc7 split by class over the devices (train_parall)")
     add(g, "--sample-rate", "sample_rate", float, "Partial FC: fraction of each shard's classes trained per step")
+    add(g, "--fp16", "fp16", int, "1 = float16 body with float32 master weights and dynamic loss scaling (GPU)")
+    add(g, "--fp16-scale", "fp16_scale", float, "initial loss scale; > 0 implies --fp16 (insightface train_parall)")
 
     g = p.add_argument_group("logging, verification, checkpoints")
     add(g, "--frequent", "frequent", int)

@@ -167,8 +167,10 @@ def build_lr_scheduler(cfg):
 
 def build_optimizer(cfg, num_devices, begin_num_update=0):
     """insightface's ``SGD(lr, momentum, wd, rescale_grad=1/G)`` (per-device loss is already a mean)."""
+    # --fp16: float32 master weights for the float16 ones (insightface train_parall --fp16-scale, multi_precision)
     return mx.optimizer.SGD(learning_rate=cfg.lr, momentum=cfg.mom, wd=cfg.wd, rescale_grad=1.0 / num_devices,
-                            lr_scheduler=build_lr_scheduler(cfg), begin_num_update=begin_num_update)
+                            lr_scheduler=build_lr_scheduler(cfg), begin_num_update=begin_num_update,
+                            multi_precision=bool(cfg.get("fp16")))
 
 
 def _honour_param_mults(optimizer, symbol):
@@ -342,6 +344,7 @@ class Trainer:
         self.contexts, self.batch_size = contexts, batch_size
         self.hooks = list(hooks)
         self.stop_reason = None
+        self.loss_scaler = None  # --fp16: recognition.mixed_precision.DynamicLossScaler (skips overflowed updates)
         self._hook_names = []
         for hook in self.hooks:
             name, n = hook.name, 1
@@ -421,7 +424,8 @@ class Trainer:
             for batch in self.train_iter:
                 self.dist.step_started()
                 module.forward_backward(batch)
-                module.update()
+                if self.loss_scaler is None or self.loss_scaler.step(module, self.optimizer):
+                    module.update()
                 before = distributed.metric_sums(metric) if self.dist.size > 1 else None
                 module.update_metric(metric, batch.label)
                 if before is not None:  # every rank holds the global batch's metric sums
@@ -508,6 +512,9 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol, user_hooks):
             symbol = symbols.get_symbol(cfg)
         finally:
             ops.set_enabled(previous)
+    if cfg.get("fp16"):
+        from recognition import mixed_precision
+        symbol = mixed_precision.convert_for_config(symbol, cfg, contexts)
     saver = CheckpointSaver.from_config(cfg, run_dir)
     resume = None
     if cfg.resume:
@@ -519,7 +526,8 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol, user_hooks):
         from recognition.model_parallel import ModelParallelModule
         module = ModelParallelModule(symbol, contexts, cfg)
     else:
-        module = mx.mod.Module(symbol=symbol, context=contexts, data_names=("data",), label_names=("softmax_label",))
+        module = mx.mod.Module(symbol=symbol, context=contexts, data_names=("data",), label_names=("softmax_label",),
+                               fixed_param_names=["loss_scale"] if cfg.get("fp16") else None)
     module.bind(data_shapes=[("data", (batch_size, 3, height, width))],
                 label_shapes=[("softmax_label", (batch_size,))], for_training=True)
     initializer = _initializer(cfg)
@@ -592,6 +600,9 @@ def _train(cfg, run_dir, module, symbol, train_iter, metrics, state, resume, sav
                       hooks + user_hooks + ([saver] if dist.is_root else []),
                       metrics_log=hooks_lib.MetricsLog(metrics_path) if dist.is_root else None, state=state,
                       contexts=contexts, batch_size=batch_size, dist=dist)
+    if cfg.get("fp16"):
+        from recognition import mixed_precision
+        trainer.loss_scaler = mixed_precision.DynamicLossScaler(num_devices=num_devices * dist.size)
     if resume:
         trainer.load_hook_states(resume.hook_states)
         if state.nbatch:
