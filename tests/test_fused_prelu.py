@@ -5,6 +5,7 @@ in MXNet 1.9.1 (insightface's SE units hit it: symbol/fresnet.py ``se_relu1`` fo
 The operator is built into the user cache (``$INSIGHTFACE_MX_CACHE``, default ``~/.cache/insightface-mx``) on first
 use; fallback and build-race tests use private caches in subprocesses (a loaded library cannot be unloaded).
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -163,7 +164,21 @@ def fused_prelu_fn(data, name, channels, ndim):
 
 
 def graph_prelu_fn(data, name, channels, ndim):
-    return symbols.common.prelu(data, name, channels, fast=True, ndim=ndim)
+    return symbols.common.fast_prelu(data, graph_gamma(name, channels), name, channels, ndim=ndim)
+
+
+def graph_gamma(name, channels):
+    return mx.sym.Variable(name + "_gamma", shape=(channels,), init=mx.init.Constant(symbols.common.PRELU_INIT))
+
+
+@contextlib.contextmanager
+def graph_only():
+    """Build symbols with the fast_prelu graph although the fused operator is loaded (the default prefers it)."""
+    previous = ops.set_enabled(False)
+    try:
+        yield
+    finally:
+        ops.set_enabled(previous)
 
 
 def make_module(sym, shape, arg_params, aux_params):
@@ -220,7 +235,8 @@ def test_module_training_matches_graph_and_shared_inference_sees_gamma(op_loaded
 def test_whole_network_fused_equals_fast_prelu_graph(op_loaded, network, options, data_shape):
     """fuse_symbol(insightface net) trains like the fast_prelu graph (also proves MKLDNN layouts reach the op
     as plain NCHW): same outputs, same gradients for every parameter, op called once per PReLU."""
-    graph = symbols.get_embedding(network, **options)
+    with graph_only():
+        graph = symbols.get_embedding(network, **options)
     fused = ops.fuse_symbol(graph)
     n_prelu = sum(n["op"] == ops.OP_NAME for n in json.loads(fused.tojson())["nodes"])
     assert n_prelu > 0 and not ops.uses_fused_op(graph)
