@@ -130,6 +130,14 @@ def _num_classes_from_rec(dataset_path, prop):
     return num_classes
 
 
+def _fused_prelu_allowed(cfg):
+    """The fused PReLU operator (CPU kernels, loaded with mx.library.load) is used unless switched off, on GPUs,
+    or under Horovod: with horovod.mxnet in the process, mx.library.load crashes (SIGFPE) and a library loaded
+    before it corrupts the heap during training ("free(): invalid pointer"), so Horovod ranks build the
+    equivalent fast_prelu graph."""
+    return bool(cfg.fused_prelu) and not cfg.gpus and cfg.dist != "horovod"
+
+
 @contextlib.contextmanager
 def _run_log(run_dir):
     """Tee the root logger (MXNet logs through it too) into ``<run_dir>/training.log`` while training."""
@@ -472,9 +480,9 @@ def fit(config, make_train_iter=None, metrics=None, symbol=None, hooks=None):
     left intact).
     """
     cfg, run_dir = resolve_run_config(config)
-    if cfg.fused_prelu and not cfg.gpus:
+    if _fused_prelu_allowed(cfg):
         from symbols import ops
-        ops.load()  # before Horovod is imported: mx.library.load after `import horovod.mxnet` crashes (SIGFPE)
+        ops.load()  # before anything else registers MXNet operators
     dist = distributed.setup(cfg)
     os.makedirs(run_dir, exist_ok=True)
     # one training per run directory (its lock also clears what killed writers left there)
@@ -507,7 +515,7 @@ def _fit(cfg, run_dir, make_train_iter, metrics, symbol, user_hooks):
         import symbols
         from symbols import ops
         # the fused PReLU has CPU kernels only; on GPUs (or when switched off) the same graph is built without it
-        previous = ops.set_enabled(cfg.fused_prelu and all(c.device_type == "cpu" for c in contexts))
+        previous = ops.set_enabled(_fused_prelu_allowed(cfg) and all(c.device_type == "cpu" for c in contexts))
         try:
             symbol = symbols.get_symbol(cfg)
         finally:
