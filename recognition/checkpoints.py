@@ -36,6 +36,7 @@ import numpy as np
 
 from iterators.formats.atomic import (PRIVATE_FILE, TMP_PREFIX, atomic_write, atomic_write_text,
                                       clean_stale_temporaries, file_mode, fsync_dir, temp_dir)
+from iterators.formats.params import read_params
 from recognition.hooks import Hook, NonFiniteError
 from symbols.ops import portable_json
 
@@ -95,18 +96,7 @@ def first_non_finite(arg_params, aux_params):
 
 def load_params(path):
     """Read an ``arg:``/``aux:`` params file -> ``(arg_params, aux_params)`` with a clear error."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"params file not found: {path}")
-    arg_params, aux_params = {}, {}
-    for key, value in mx.nd.load(path).items():
-        kind, _, name = key.partition(":")
-        if kind == "arg":
-            arg_params[name] = value
-        elif kind == "aux":
-            aux_params[name] = value
-        else:
-            raise ValueError(f"{path}: key {key!r} is not 'arg:<name>' or 'aux:<name>' (not an MXNet checkpoint)")
-    return arg_params, aux_params
+    return read_params(path)
 
 
 def embedding_checkpoint(symbol, arg_params, aux_params):

@@ -14,6 +14,7 @@ import mxnet as mx
 
 from iterators.formats.atomic import atomic_write_text
 from iterators.formats.images import parse_image_size
+from iterators.formats.params import read_params
 
 logger = logging.getLogger(__name__)
 
@@ -29,16 +30,7 @@ def load_checkpoint_files(prefix, epoch):
             raise FileNotFoundError(f"checkpoint file not found: {path} (--model prefix,epoch)")
     with open(sym_path, encoding="utf-8") as f:
         symbol_json = f.read()
-    arg_params, aux_params = {}, {}
-    for key, value in mx.nd.load(params_path).items():
-        kind, _, name = key.partition(":")
-        if kind == "arg":
-            arg_params[name] = value
-        elif kind == "aux":
-            aux_params[name] = value
-        else:
-            raise ValueError(f"{params_path}: key {key!r} is not 'arg:<name>' or 'aux:<name>' (not an MXNet "
-                             "checkpoint written by mx.model.save_checkpoint)")
+    arg_params, aux_params = read_params(params_path)
     return symbol_json, arg_params, aux_params
 
 
