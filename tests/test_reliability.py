@@ -702,7 +702,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
             cfg = load_run_config(run, {"max_steps": max_steps})
         else:
             cfg = load_config(overrides=dict(network="r18", image_shape=[8, 8, 3], dataset_path=data,
-                                             prefix=os.path.join(run, "model"), per_batch_size=8, lr=0.005,
+                                             prefix=os.path.join(run, "model"), per_batch_size=8, lr=0.001,
                                              frequent=2, verbose=1, ckpt=2, ckpt_embedding=False, seed=0,
                                              data_workers=1, val_targets=[], max_steps=max_steps))
         result = fit(cfg, symbol=symbol())
