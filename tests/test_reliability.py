@@ -731,9 +731,11 @@ def _check_run_dir(run):
         state, _, _ = ckpts._read_resume_dir(path)
         assert os.path.basename(path) == "step-%010d" % state["global_step"]
     for name in os.listdir(run):
+        if name.startswith(".tmp-"):  # the killed writer's own temporary (checked by the caller), never read
+            continue
         if name.endswith(".params"):
             mx.nd.load(os.path.join(run, name))
-        if name.endswith(".json") and not name.startswith(".tmp-"):
+        if name.endswith(".json"):
             json.load(open(os.path.join(run, name)))
     states = ckpts.list_resume_states(run)
     return int(os.path.basename(states[-1])[5:]) if states else None
