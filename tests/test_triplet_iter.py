@@ -161,7 +161,8 @@ def test_mining_uses_weights_after_optimizer_updates(dataset, network, ctx_num, 
 @pytest.mark.skipif(os.environ.get("MXNET_SUBGRAPH_BACKEND") == "NONE", reason="MKLDNN subgraph backend disabled")
 def test_weight_check_detects_a_stale_executor():
     """The comparison above can fail: an executor made with ``Symbol.bind`` on the Module's own arrays
-    (MKLDNN subgraph backend, CPU) does not follow the optimizer updates (DESIGN.md, Environment facts)."""
+    (MKLDNN subgraph backend, CPU) does not follow the optimizer updates (its
+    FullyConnected/Convolution weights are cached at the first forward)."""
     per_batch = 6
     module = make_module(per_batch, 1)
     module.init_optimizer(kvstore="device", optimizer="sgd", optimizer_params={"learning_rate": 5.0})
