@@ -23,7 +23,8 @@ config.bn_mom = 0.9              # BatchNorm momentum
 config.workspace = 256           # convolution workspace, MB
 config.emb_size = 512            # embedding dimension D of fc1
 config.fast_prelu = True         # train PReLU as relu(x) - gamma*relu(-x) (same params/numerics, faster on CPU)
-config.fused_prelu = True        # CPU: PReLU as the fused C++ operator (built on first use; falls back to fast_prelu)
+config.fused_prelu = False       # CPU: PReLU as the fused C++ operator (built on first use; falls back to fast_prelu);
+                                 # same numbers, but no faster than fast_prelu for whole nets so far (benchmarks/)
 
 # ---------------------------------------------------------------- loss head (symbols/losses)
 config.loss = "arcface"          # softmax nsoftmax arcface arcface_v1 cosface sphereface combined triplet atriplet

@@ -42,8 +42,8 @@ def prelu(data, name, num_channels, fast=True, ndim=4):
     num_channels : int
         C, the size of axis 1.
     fast : bool
-        False -> ``LeakyReLU(act_type='prelu')`` (insightface's graph). True -> the fused C++ operator of
-        :mod:`symbols.ops` when it is built, loaded and allowed (CPU), else the :func:`fast_prelu` graph; all three
+        False -> ``LeakyReLU(act_type='prelu')`` (insightface's graph). True -> the :func:`fast_prelu` graph, or
+        the fused C++ operator of :mod:`symbols.ops` when it is allowed (``ops.set_enabled``; opt-in) and loaded; all three
         have the same parameter and the same numbers (checkpoints written by the engine always hold a graph that
         needs no library, see :func:`symbols.ops.portable_symbol`).
     ndim : int

@@ -447,8 +447,8 @@ def test_horovod_imported_first_gives_the_fallback_not_a_crash():
 
 
 def test_engine_trains_with_the_fused_op_and_saves_a_portable_checkpoint(tmp_path):
-    """On CPU contexts the engine's PReLU is the fused operator (its kernels run) and every saved
-    ``-symbol.json`` is the standard graph; ``fused_prelu = False`` trains the fast_prelu graph."""
+    """With ``fused_prelu = True`` on CPU contexts the engine's PReLU is the fused operator (its kernels run) and
+    every saved ``-symbol.json`` is the standard graph; ``fused_prelu = False`` (the default) trains the graph."""
     if not ops.load():
         pytest.skip(f"fused operator unavailable here: {ops.status()['reason']}")
     from data_fixtures import make_synthetic_dataset
@@ -459,13 +459,13 @@ def test_engine_trains_with_the_fused_op_and_saves_a_portable_checkpoint(tmp_pat
             "per_batch_size": 4, "max_steps": 2, "verbose": 2, "frequent": 1, "lr": 0.01, "data_workers": 1,
             "val_targets": ""}
     ops.reset_call_counts()
-    result = fit(load_config(overrides={**base, "prefix": str(tmp_path / "fused" / "model")}))
+    result = fit(load_config(overrides={**base, "fused_prelu": True, "prefix": str(tmp_path / "fused" / "model")}))
     assert ops.call_counts()["forward"] > 0 and ops.call_counts()["backward"] > 0
     saved = open(result.prefix + "-symbol.json").read()
     assert not ops.uses_fused_op(saved)
     sym, arg, aux = mx.model.load_checkpoint(result.prefix, 0)
     assert any(name.endswith("_gamma") for name in arg)
     ops.reset_call_counts()
-    fit(load_config(overrides={**base, "fused_prelu": False, "prefix": str(tmp_path / "graph" / "model")}))
+    fit(load_config(overrides={**base, "prefix": str(tmp_path / "graph" / "model")}))
     assert ops.call_counts()["forward"] == 0
-    assert ops.available()  # the engine's choice does not leak into later symbol builds
+    assert not ops.available()  # opt-in, and the engine's choice does not leak into later symbol builds

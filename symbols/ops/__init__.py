@@ -11,8 +11,8 @@ Public API
 ----------
 - :func:`load` () -> bool: build (cached) and load the library once per process; logs once which PReLU is used
   and why. ``INSIGHTFACE_MX_FUSED_PRELU=0`` disables it (checked at every call).
-- :func:`available` () -> bool: ``load()``, not disabled and allowed by :func:`set_enabled` (the engine
-  forbids it on GPU contexts).
+- :func:`available` () -> bool: ``load()``, not disabled and allowed by :func:`set_enabled` (off by default;
+  the engine allows it for CPU training with ``fused_prelu = True``).
 - :func:`status` () -> dict: ``used``, ``reason``, ``path``.
 - :func:`prelu` (data, name, num_channels, ndim=4, gamma=None) -> Symbol: the fused op when available, else
   ``fast_prelu``; the slope parameter is always ``<name>_gamma`` (C,), init Constant(0.25), so checkpoints
@@ -52,7 +52,7 @@ ENV_SWITCH = "INSIGHTFACE_MX_FUSED_PRELU"
 _OFF_VALUES = ("0", "off", "false", "no", "disable", "disabled")
 
 _lock = threading.Lock()
-_state = {"enabled": True, "tried": False, "loaded": False, "path": None, "reason": None, "cdll": None, "logged": set()}
+_state = {"enabled": False, "tried": False, "loaded": False, "path": None, "reason": None, "cdll": None, "logged": set()}
 
 
 def disabled():
@@ -126,10 +126,10 @@ def _try_load():
 
 
 def set_enabled(flag):
-    """Allow (True, the default) or forbid the fused operator in symbols built from now on in this process.
+    """Allow (True) or forbid (False, the default) the fused operator in symbols built from now on in this process.
 
-    The operator has CPU kernels only: the engine forbids it when it trains on a GPU context, and a caller that
-    binds symbols on a GPU itself should do the same. Returns the previous setting.
+    Opt-in: the engine allows it for CPU training when the config says ``fused_prelu = True``. The operator has CPU
+    kernels only, so a caller that binds symbols on a GPU must leave it off. Returns the previous setting.
     """
     previous = _state["enabled"]
     _state["enabled"] = bool(flag)
