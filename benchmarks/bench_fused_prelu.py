@@ -13,7 +13,10 @@ reported, with the 1-minute load average sampled before every measurement.
 
     python -m benchmarks.bench_fused_prelu                 # per-layer + r18_x0.25, y1, r18 (full width)
     python -m benchmarks.bench_fused_prelu --quick         # per-layer + r18_x0.25 and y1 only
-    OMP_NUM_THREADS=2 python -m benchmarks.bench_fused_prelu --name fused_prelu_omp2
+    python -m benchmarks.bench_fused_prelu --mxnet-default-threads --name fused_prelu_1thread
+
+Threads: like the training entry points, ``eval.runtime.configure_threads`` (all usable cores) unless
+``--mxnet-default-threads``.
 """
 import argparse
 import logging
@@ -25,6 +28,7 @@ import numpy as np
 
 import symbols
 from benchmarks.common import measure_train_throughput, write_json
+from eval.runtime import configure_threads
 from symbols import ops
 from symbols.common import fast_prelu
 
@@ -147,8 +151,12 @@ def main(argv=None):
     parser.add_argument("--no-nets", action="store_true", help="skip the whole-network timings")
     parser.add_argument("--nets", default=None, help="comma-separated subset of " + ",".join(c[0] for c in NET_CASES))
     parser.add_argument("--name", default="fused_prelu", help="results file name (benchmarks/results/<name>.json)")
+    parser.add_argument("--mxnet-default-threads", action="store_true",
+                        help="keep MXNet's default OpenMP threads (cores / 2) instead of configure_threads(), "
+                             "which every training entry point calls")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    threads = None if args.mxnet_default_threads else configure_threads().as_dict()
     if not ops.load():
         raise SystemExit(f"fused PReLU operator unavailable: {ops.status()}")
     payload = {
@@ -157,6 +165,7 @@ def main(argv=None):
                 f"update), synthetic 112x112 input, ArcFace head, {NUM_CLASSES} classes, batch {BATCH}, one CPU "
                 "context, best of the interleaved repetitions; fused net = symbols.ops.fuse_symbol(fast_prelu net)",
         "operator": ops.status(),
+        "threads": threads or "MXNet default (cores / 2)",
         "command": "python -m benchmarks.bench_fused_prelu " + " ".join(argv or []),
     }
     if not args.no_layers:

@@ -6,12 +6,15 @@ load hits all three alike; the best repetition is reported. Writes ``benchmarks/
 
     python -m benchmarks.bench_prelu                # full set (several minutes on 2 cores)
     python -m benchmarks.bench_prelu --quick        # quarter-width r18 and y1 only
+
+Threads: ``eval.runtime.configure_threads`` (all usable cores), as every training entry point does.
 """
 import argparse
 import logging
 
 import symbols
 from benchmarks.common import measure_train_throughput, write_json
+from eval.runtime import configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ def main(argv=None):
     parser.add_argument("--name", default="prelu", help="results file name (benchmarks/results/<name>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    threads = configure_threads().as_dict()
     cases = [c for c in CASES if not args.quick or c[0] in QUICK_CASES]
     results = {}
     for label, network, multiplier, steps, repeats in cases:
@@ -71,6 +75,7 @@ def main(argv=None):
     path = write_json(args.name, {
         "what": "training step throughput (forward+backward+SGD update), synthetic 112x112 input, ArcFace head, "
                 f"{NUM_CLASSES} classes, batch {BATCH}, one CPU context; best of the interleaved repetitions",
+        "threads": threads,
         "results": results,
     })
     print(f"wrote {path}")

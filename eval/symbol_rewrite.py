@@ -5,9 +5,11 @@ JSON dialect), by this project (fast PReLU graph) or with the optional ``fused_p
 (``symbols/ops``) all work:
 
 - :func:`rewrite_fused_prelu`: ``fused_prelu`` nodes -> ``LeakyReLU(act_type='prelu')`` on the same (data, gamma);
-- :func:`rewrite_fast_prelu`: the subgraph of ``symbols/common.py`` ``fast_prelu`` -- ``relu(x) +
-  reshape_like(Flatten(Convolution(reshape(x - relu(x)), Reshape(gamma), num_group=C, kernel=(1,))), x)`` --
-  recognised by its structure (not by names) -> one ``LeakyReLU(prelu)`` named like the subgraph's output;
+- :func:`rewrite_fast_prelu`: the subgraphs of ``symbols/common.py`` ``fast_prelu`` -- the 4-D form
+  ``Deconvolution(relu(x), 1 - W) + Deconvolution(x, W)`` (W = Reshape(gamma), depthwise, kernel 1) and the
+  rank-agnostic form of earlier checkpoints ``relu(x) + reshape_like(Flatten(Convolution(reshape(x - relu(x)),
+  Reshape(gamma), num_group=C, kernel=(1,))), x)`` -- recognised by their structure (not by names) -> one
+  ``LeakyReLU(prelu)`` named like the subgraph's output;
 - :func:`remove_dropout_and_flatten_fc`: ``Dropout`` removed (identity at inference) and a ``Flatten`` put before
   every ``FullyConnected`` that flattens its input (MXNet does it implicitly);
 - :func:`inference_symbol`: the ``Flatten`` insertion alone, for MXNet inference. MXNet 1.9.1's MKLDNN inference
@@ -63,11 +65,56 @@ def rewrite_fused_prelu(doc):
     return count
 
 
+def _only_used_inside(inner, head, consumers):
+    allowed = set(inner) | {head}
+    return all(c in allowed for j in inner for c in consumers.get(j, ()))
+
+
+def _is_depthwise_unit_kernel(node, op):
+    attrs = _attrs(node)
+    return (node["op"] == op and len(node["inputs"]) == 2 and attrs.get("num_group") == attrs.get("num_filter")
+            and ast.literal_eval(attrs.get("kernel", "()")) in ((1, 1), (1,), 1)
+            and ast.literal_eval(attrs.get("stride", "(1, 1)")) in ((1, 1), (1,), 1)
+            and ast.literal_eval(attrs.get("pad", "(0, 0)")) in ((0, 0), (0,), 0))
+
+
+def _match_deconv_prelu(i, nodes, consumers):
+    """(x, gamma) for ``dw(relu(x), 1 - W) + dw(x, W)``, W = Reshape(gamma), dw a depthwise kernel-1 Deconvolution."""
+    add = nodes[i]
+    for a_e, b_e in (add["inputs"], add["inputs"][::-1]):
+        pos_scaled, scaled = nodes[a_e[0]], nodes[b_e[0]]
+        if not (_is_depthwise_unit_kernel(pos_scaled, "Deconvolution") and _is_depthwise_unit_kernel(scaled, "Deconvolution")):
+            continue
+        pos, pos_weight = nodes[pos_scaled["inputs"][0][0]], nodes[pos_scaled["inputs"][1][0]]
+        if pos["op"] != "Activation" or _attrs(pos).get("act_type") != "relu":
+            continue
+        x = _entry(pos["inputs"][0])
+        if _entry(scaled["inputs"][0]) != x:
+            continue
+        weight_id = scaled["inputs"][1][0]
+        weight = nodes[weight_id]
+        if weight["op"] != "Reshape" or pos_weight["op"] != "_rminus_scalar":
+            continue
+        if float(_attrs(pos_weight).get("scalar", "nan")) != 1.0 or pos_weight["inputs"][0][0] != weight_id:
+            continue
+        inner = [pos_scaled["inputs"][0][0], a_e[0], b_e[0], pos_scaled["inputs"][1][0], weight_id]
+        if not _only_used_inside(inner, i, consumers):
+            continue
+        return x, _entry(weight["inputs"][0])
+    return None
+
+
 def _match_fast_prelu(i, nodes, consumers):
-    """(x entry, gamma entry) when node i is the output node of a fast_prelu subgraph, else None."""
+    """(x entry, gamma entry) when node i is the output node of a fast_prelu subgraph, else None.
+
+    Both forms of ``symbols/common.py``: the 4-D Deconvolution form and the rank-agnostic 1-D-conv form.
+    """
     add = nodes[i]
     if add["op"] != "elemwise_add" or len(add["inputs"]) != 2:
         return None
+    deconv = _match_deconv_prelu(i, nodes, consumers)
+    if deconv is not None:
+        return deconv
     for pos_e, scaled_e in (add["inputs"], add["inputs"][::-1]):
         pos, scaled = nodes[pos_e[0]], nodes[scaled_e[0]]
         if pos["op"] != "Activation" or _attrs(pos).get("act_type") != "relu":
@@ -95,8 +142,7 @@ def _match_fast_prelu(i, nodes, consumers):
         # the intermediate nodes must belong to this subgraph only
         inner = [pos_e[0], scaled_e[0], scaled["inputs"][0][0], flat["inputs"][0][0], conv["inputs"][0][0],
                  conv["inputs"][1][0], reshaped["inputs"][0][0]]
-        allowed = set(inner) | {i}
-        if any(c not in allowed for j in inner for c in consumers.get(j, ())):
+        if not _only_used_inside(inner, i, consumers):
             continue
         return x, _entry(weight["inputs"][0])
     return None

@@ -58,31 +58,64 @@ def prelu(data, name, num_channels, fast=True, ndim=4):
     gamma = mx.sym.Variable(name + "_gamma", shape=(num_channels,), init=mx.init.Constant(PRELU_INIT))
     from . import ops
     if ops.available():
-        return ops.prelu_op(data, gamma, name, num_channels)
+        return ops.prelu_op(data, gamma, name, num_channels, ndim=ndim)
     return fast_prelu(data, gamma, name, num_channels, ndim=ndim)
 
 
 def fast_prelu(data, gamma, name, num_channels, ndim=4):
-    r"""PReLU as ``relu(x) + gamma * (x - relu(x))``, the per-channel product done by a depthwise convolution.
+    r"""PReLU ``y = x if x > 0 else gamma_c * x`` built from operators MXNet 1.9 runs fast on CPU (MKLDNN).
 
-    .. math:: y = \mathrm{relu}(x) + \mathrm{dwconv}_{1}\big(x - \mathrm{relu}(x),\ \gamma\big)
+    ``ndim=4`` (every backbone and head): the two-term form, each per-channel product a depthwise
+    (``num_group = C``) kernel-1 ``Deconvolution``:
 
-    where the depthwise (``num_group = C``) kernel-1 convolution runs on x reshaped to (B, C, H*W) and its
-    weight is ``gamma`` reshaped to (C, 1, 1).
+    .. math:: y = \mathrm{dw}_{1-\gamma}\big(\mathrm{relu}(x)\big) + \mathrm{dw}_{\gamma}(x)
+
+    Any other rank (``ndim`` is 2 for (B, C), or None when unknown): the rank-agnostic form of earlier versions,
+    ``relu(x) + dwconv1d(reshape(x - relu(x), (B, C, -1)), gamma)`` (see :func:`_prelu_any_rank`).
 
     Why: MXNet 1.9's CPU kernels for ``LeakyReLU(prelu)`` and for the backward of any broadcast op with a
     (1, C, 1, 1) operand reduce over batch and space with slow generic loops (profiled: slower than all
-    convolutions of r18 together). A depthwise convolution computes the same per-channel product with MKLDNN,
-    and its weight gradient is exactly dL/dgamma_c = sum(g * min(x, 0)). Forward values and gradients equal
-    PReLU's up to float summation order. Works for (B, C, H, W) and (B, C) inputs (``ndim`` is accepted for
-    symmetry with :func:`prelu`).
+    convolutions of r18 together). Depthwise (de)convolutions compute the same per-channel products with MKLDNN,
+    and their weight gradients give dL/dgamma_c = sum(g * x) - sum(g * relu(x)) = sum(g * min(x, 0)).
 
-    Two MKLDNN traps shape the graph: (1) the convolution is 1-D because MKLDNN's inference subgraph pass
-    rewrites 2-D convolutions into fused ops that cache their weight at the first forward, and a weight
-    computed from gamma is then never refreshed (an inference Module sharing the training Module's parameters
-    would keep the initial slopes); 1-D convolutions are left alone. (2) ``Flatten`` brings the convolution's
-    MKLDNN-layout (B, C, H*W) output back to the default layout: adding it to the 4-D relu output directly
-    makes MKLDNN's sum primitive fail on the mismatched memory descriptors.
+    Why this 4-D form: every operator in it (Activation, Deconvolution, elemwise_add) keeps MKLDNN's blocked
+    layout, so no tensor is converted to NCHW and back. Operators without an MKLDNN kernel on that path
+    (``elemwise_sub``, ``Reshape``, and any custom operator) pay a layout conversion and an allocation per call
+    and per backward; measured on y1, 2 threads, batch 32 (``python -m benchmarks.bench_fused_prelu``): the
+    earlier reshape/1-D-conv graph trained at 0.35x of the ReLU net, this one at 0.6x. ``Deconvolution`` and not
+    ``Convolution`` because MKLDNN's inference subgraph pass fuses 2-D convolutions into operators that cache
+    their weight at the first forward; a weight computed from gamma would then never be refreshed (an inference
+    Module that receives new parameters with ``set_params`` would keep the old slopes). Deconvolutions are not
+    fused, so the slopes are always current.
+
+    Forward values and gradients equal PReLU's up to float rounding. Parameters: only ``gamma`` (C,).
+
+    Returns
+    -------
+    Symbol of the shape of ``data``.
+    """
+    if ndim != 4:
+        return _prelu_any_rank(data, gamma, name, num_channels)
+    pos = mx.sym.Activation(data=data, act_type="relu", name=name + "_pos")
+    weight = mx.sym.reshape(gamma, shape=(num_channels, 1, 1, 1), name=name + "_weight")
+    pos_weight = mx.sym._internal._rminus_scalar(weight, scalar=1.0, name=name + "_posweight")
+    pos_scaled = mx.sym.Deconvolution(data=pos, weight=pos_weight, num_filter=num_channels, num_group=num_channels,
+                                      kernel=(1, 1), no_bias=True, name=name + "_posscale")
+    scaled = mx.sym.Deconvolution(data=data, weight=weight, num_filter=num_channels, num_group=num_channels,
+                                  kernel=(1, 1), no_bias=True, name=name + "_scale")
+    return mx.sym.elemwise_add(pos_scaled, scaled, name=name)
+
+
+def _prelu_any_rank(data, gamma, name, num_channels):
+    r"""PReLU for inputs of any rank >= 2: ``relu(x) + gamma * (x - relu(x))``, the product a depthwise 1-D conv.
+
+    .. math:: y = \mathrm{relu}(x) + \mathrm{dwconv}_{1}\big(x - \mathrm{relu}(x),\ \gamma\big)
+
+    where the kernel-1 convolution runs on x reshaped to (B, C, prod(rest)) and its weight is ``gamma``
+    reshaped to (C, 1, 1). This was the only PReLU graph of earlier versions; checkpoints holding it load and
+    export as before. The convolution is 1-D because MKLDNN's inference subgraph pass leaves 1-D convolutions
+    alone (see :func:`fast_prelu`), and ``Flatten`` brings its MKLDNN-layout output back to the default layout
+    (adding it to the relu output directly makes MKLDNN's sum primitive fail on mismatched memory descriptors).
     """
     pos = mx.sym.Activation(data=data, act_type="relu", name=name + "_pos")
     neg = mx.sym.elemwise_sub(data, pos, name=name + "_negpart")

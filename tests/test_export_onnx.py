@@ -159,12 +159,16 @@ def test_every_registered_network_exports_and_matches_mxnet(tmp_path, face_pack,
     ("r50", {"net_se": 1, "net_unit": 1}),
     ("y1", {}),
 ])
-@pytest.mark.parametrize("prelu", ["leakyrelu", "fast_prelu", "fused"])
+@pytest.mark.parametrize("prelu", ["leakyrelu", "fast_prelu", "fast_prelu_any_rank", "fused"])
 def test_prelu_formulations_and_se_units_export_as_plain_prelu(tmp_path, face_pack, network, options, prelu,
                                                                monkeypatch):
     prefix = str(tmp_path / "ck" / "model")
-    if prelu == "fast_prelu":  # the relu + depthwise 1-D conv graph, even where the fused operator is available
+    if prelu.startswith("fast_prelu"):  # the graph (relu + depthwise deconvolutions), even where the fused op loads
         monkeypatch.setenv("INSIGHTFACE_MX_FUSED_PRELU", "0")
+    if prelu == "fast_prelu_any_rank":  # the graph of earlier checkpoints: relu + reshape + depthwise 1-D conv
+        monkeypatch.setattr(symbols.common, "fast_prelu",
+                            lambda data, gamma, name, channels, ndim=4: symbols.common._prelu_any_rank(
+                                data, gamma, name, channels))
     if prelu == "fused":
         from symbols import ops
         if not ops.load():
@@ -175,14 +179,15 @@ def test_prelu_formulations_and_se_units_export_as_plain_prelu(tmp_path, face_pa
         mx.model.save_checkpoint(prefix, 0, fused, arg, aux)  # raw, NOT portable: the JSON names fused_prelu
         assert "fused_prelu" in open(prefix + "-symbol.json").read()
     else:
-        save_embedding_checkpoint(prefix, network, fast_prelu=(prelu == "fast_prelu"), **options)
+        save_embedding_checkpoint(prefix, network, fast_prelu=prelu.startswith("fast_prelu"), **options)
     out, info, report = export_and_check(tmp_path, prefix, face_pack)
     assert_proof(report)
     facts = graph_facts(out)
     n_prelu = facts["ops"].count("PRelu")
-    assert n_prelu > 0 and info["fast_prelu" if prelu == "fast_prelu" else "fused_prelu"] == (
+    assert n_prelu > 0 and info["fast_prelu" if prelu.startswith("fast_prelu") else "fused_prelu"] == (
         n_prelu if prelu != "leakyrelu" else 0)
-    # nothing of the fast formulation survives: no 1-D depthwise Conv, no Relu (the nets use PReLU only)
+    # nothing of the fast formulations survives: no depthwise (de)convolution, no Relu (the nets use PReLU only)
+    assert "ConvTranspose" not in facts["ops"]
     assert "Relu" not in facts["ops"] and "Add" in facts["ops"]  # Add: the residual shortcuts / y1 blocks
     if options.get("net_se"):
         assert "Sigmoid" in facts["ops"] and "GlobalAveragePool" in facts["ops"] or "ReduceMean" in facts["ops"]

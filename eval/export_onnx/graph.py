@@ -7,10 +7,11 @@ project work):
 
 1. ``fused_prelu`` nodes (the optional C++ operator of ``symbols/ops``) -> ``LeakyReLU(act_type='prelu')`` on the
    same (data, gamma) inputs;
-2. the fast PReLU subgraph of ``symbols/common.py`` ``fast_prelu`` -- ``relu(x) + reshape_like(Flatten(
-   Convolution(reshape(x - relu(x)), Reshape(gamma), num_group=C, kernel=(1,))), x)`` -- recognised by its
-   structure (not by names) -> one ``LeakyReLU(prelu)`` node with the name of the subgraph's output, so the
-   exporter writes a plain ONNX ``PRelu``;
+2. the fast PReLU subgraphs of ``symbols/common.py`` ``fast_prelu`` (both forms: ``Deconvolution(relu(x), 1 - W)
+   + Deconvolution(x, W)`` and the earlier ``relu(x) + reshape_like(Flatten(Convolution(reshape(x - relu(x)),
+   W, kernel=(1,))), x)``, W = Reshape(gamma)) -- recognised by their structure (not by names) -> one
+   ``LeakyReLU(prelu)`` node with the name of the subgraph's output, so the exporter writes a plain ONNX
+   ``PRelu``;
 3. ``Dropout`` -> removed (identity at inference);
 4. ``Flatten`` inserted before every ``FullyConnected`` that flattens its input (MXNet does this implicitly; the
    exporter emits a ``Gemm`` that needs 2-D input, e.g. after GDC's (B, C, 1, 1) map);

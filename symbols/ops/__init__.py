@@ -17,7 +17,7 @@ Public API
 - :func:`prelu` (data, name, num_channels, ndim=4, gamma=None) -> Symbol: the fused op when available, else
   ``fast_prelu``; the slope parameter is always ``<name>_gamma`` (C,), init Constant(0.25), so checkpoints
   are interchangeable between the two and with insightface's LeakyReLU(prelu).
-- :func:`prelu_op` (data, gamma, name, num_channels=None) -> Symbol: the op node itself (needs ``load()``).
+- :func:`prelu_op` (data, gamma, name, num_channels=None, ndim=None) -> Symbol: the op node itself (needs ``load()``).
 - :func:`call_counts` () -> {'forward': n, 'backward': n} / :func:`reset_call_counts`: how often the C++
   kernels ran (proves the op is really in a bound graph).
 - Portability (:mod:`symbols.ops.portable`): :func:`portable_symbol` / :func:`portable_json` rewrite op nodes
@@ -148,16 +148,19 @@ def status():
     return {"used": used, "reason": reason, "path": _state["path"]}
 
 
-def prelu_op(data, gamma, name, num_channels=None):
+def prelu_op(data, gamma, name, num_channels=None, ndim=None):
     """The ``fused_prelu`` node ``name`` on (data, gamma); RuntimeError when the library is not loaded.
 
-    ``num_channels`` (optional) is stored as an attribute: checked against the data at shape inference and used
-    by :func:`portable_symbol` to rebuild the ``fast_prelu`` graph.
+    ``num_channels`` and ``ndim`` (the rank of ``data``), both optional, are stored as attributes: the first is
+    checked against the data at shape inference; both are used by :func:`portable_symbol` to rebuild the
+    ``fast_prelu`` graph (its fast 4-D form needs ``ndim=4``; without it the rank-agnostic form is written).
     """
     if not _state["loaded"] or not hasattr(mx.sym, OP_NAME):
         raise RuntimeError(f"{OP_NAME} is not loaded; call symbols.ops.load() first (or use symbols.ops.prelu, "
                            "which falls back to fast_prelu)")
     kwargs = {"num_channels": int(num_channels)} if num_channels is not None else {}
+    if ndim is not None:
+        kwargs["ndim"] = int(ndim)
     return getattr(mx.sym, OP_NAME)(data, gamma, name=name, **kwargs)
 
 
@@ -172,7 +175,7 @@ def prelu(data, name, num_channels, ndim=4, gamma=None):
     if gamma is None:
         gamma = mx.sym.Variable(name + "_gamma", shape=(num_channels,), init=mx.init.Constant(PRELU_INIT))
     if load():
-        return prelu_op(data, gamma, name, num_channels)
+        return prelu_op(data, gamma, name, num_channels, ndim=ndim)
     return fast_prelu(data, gamma, name, num_channels, ndim=ndim)
 
 

@@ -6,8 +6,9 @@ plain ``mx.model.load_checkpoint`` (deploy/face_model.py, recognition/eval/verif
 saved symbol must be portable. :func:`portable_json` rewrites every ``fused_prelu`` node, by editing the JSON
 (no library needed, so it also repairs an already written file):
 
-- ``mode='fast_prelu'`` (default): into the graph of :func:`symbols.common.fast_prelu` (relu + depthwise 1-D conv),
-  the project's standard PReLU, whose gamma gradient is right (fine-tuning from the file trains correctly);
+- ``mode='fast_prelu'`` (default): into the 4-D graph of :func:`symbols.common.fast_prelu` (relu + two depthwise
+  kernel-1 deconvolutions), the project's standard PReLU (every PReLU of the registered networks acts on a
+  (B, C, H, W) tensor; for a ``fused_prelu`` node on a 2-D input use ``mode='leakyrelu'``), whose gamma gradient is right (fine-tuning from the file trains correctly);
 - ``mode='leakyrelu'``: into insightface's ``LeakyReLU(act_type='prelu')`` (one node, same two inputs), for tools
   that expect insightface's exact graph; its gamma gradient is wrong after a Convolution in MXNet 1.9.1, so
   prefer ``fast_prelu`` for anything that trains.
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 OP_NAME = "fused_prelu"
 MODES = ("fast_prelu", "leakyrelu")
 _DATA_VAR = "__fused_prelu_data__"
+# Rank of a fused node's data, kept through a portable rewrite so that fuse_symbol restores the node exactly:
+# the fused node's ``ndim`` attribute becomes this hidden attribute on the replacement's output node.
+NDIM_HINT = "__prelu_ndim__"
 _GAMMA_VAR = "__fused_prelu_gamma__"
 
 
@@ -90,12 +94,19 @@ def _channels(node, nodes):
                      "__shape__ on its gamma); use mode='leakyrelu'")
 
 
-def _fast_prelu_template(name, num_channels):
+def _ndim(node):
+    """Rank of a fused node's data from its ``ndim`` attribute (:func:`symbols.ops.prelu_op`), else None."""
+    value = node.get("attrs", {}).get("ndim")
+    return int(value) if value not in (None, "", "None") else None
+
+
+def _fast_prelu_template(name, num_channels, ndim):
     from ..common import fast_prelu  # local: symbols.common is the owner of the standard graph
 
     data = mx.sym.Variable(_DATA_VAR)
     gamma = mx.sym.Variable(_GAMMA_VAR)
-    doc = json.loads(fast_prelu(data, gamma, name, num_channels).tojson())
+    # rank unknown (ndim None): the rank-agnostic form, correct for any input
+    doc = json.loads(fast_prelu(data, gamma, name, num_channels, ndim=ndim).tojson())
     for node in doc["nodes"]:  # auto-named nodes (fast_prelu's Flatten) get a deterministic name
         if node["op"] != "null" and not node["name"].startswith(name):
             node["name"] = f"{name}_{node['op'].lower()}"
@@ -129,14 +140,16 @@ def portable_json(symbol_or_json, mode="fast_prelu"):
             out_nouts.append(nouts[i])
             continue
         data_e, gamma_e = entry(node["inputs"][0]), entry(node["inputs"][1])
+        ndim = _ndim(node)
+        hint = {NDIM_HINT: str(ndim)} if ndim is not None else {}
         if mode == "leakyrelu":
             new = {"op": "LeakyReLU", "name": node["name"], "inputs": [data_e, gamma_e],
-                   "attrs": dict(_hidden_attrs(node), act_type="prelu")}
+                   "attrs": dict(_hidden_attrs(node), act_type="prelu", **hint)}
             remap[i] = len(out_nodes)
             out_nodes.append(new)
             out_nouts.append(1)
             continue
-        tnodes, tnouts, thead = _fast_prelu_template(node["name"], _channels(node, nodes))
+        tnodes, tnouts, thead = _fast_prelu_template(node["name"], _channels(node, nodes), ndim)
         tmap = {}
         for j, tnode in enumerate(tnodes):
             if tnode["op"] == "null" and tnode["name"] in (_DATA_VAR, _GAMMA_VAR):
@@ -147,6 +160,8 @@ def portable_json(symbol_or_json, mode="fast_prelu"):
                 new["attrs"] = dict(tnode.get("attrs", {}), **_hidden_attrs(node))
             new["inputs"] = [list(tmap[e[0]]) if isinstance(tmap[e[0]], list) and tnodes[e[0]]["op"] == "null"
                              else [tmap[e[0]], e[1], e[2] if len(e) > 2 else 0] for e in tnode["inputs"]]
+            if j == thead[0] and hint:
+                new["attrs"] = dict(new.get("attrs", {}), **hint)
             tmap[j] = len(out_nodes)
             out_nodes.append(new)
             out_nouts.append(tnouts[j])
@@ -172,12 +187,20 @@ def save_checkpoint(prefix, epoch, symbol, arg_params, aux_params, mode="fast_pr
 
 
 def _match_fast_prelu(i, nodes):
-    """(data entry, gamma entry, C) if node i is the head of a fast_prelu subgraph (symbols/common.py), else None."""
+    """(data entry, gamma entry, C, ndim) if node i heads a fast_prelu subgraph (symbols/common.py), else None.
+
+    Both forms are recognised: the 4-D one (two depthwise ``Deconvolution`` nodes ``<name>_posscale`` and
+    ``<name>_scale``) and the rank-agnostic one of earlier checkpoints (``<name>_scaled`` = reshape_like(Flatten(
+    1-D Convolution ``<name>_scale``))).
+    """
     node = nodes[i]
     name = node["name"]
     if node["op"] != "elemwise_add" or len(node["inputs"]) != 2:
         return None
-    pos, scaled = (nodes[e[0]] for e in node["inputs"])
+    first, second = (nodes[e[0]] for e in node["inputs"])
+    if first["op"] == "Deconvolution":
+        return _match_deconv_form(name, first, second, nodes)
+    pos, scaled = first, second
     if pos["op"] != "Activation" or pos["name"] != name + "_pos" or pos.get("attrs", {}).get("act_type") != "relu":
         return None
     if scaled["op"] != "reshape_like" or scaled["name"] != name + "_scaled":
@@ -189,7 +212,22 @@ def _match_fast_prelu(i, nodes):
     weight = nodes[conv["inputs"][1][0]]
     if weight["op"] != "Reshape" or weight["name"] != name + "_weight":
         return None
-    return pos["inputs"][0], weight["inputs"][0], int(conv["attrs"]["num_filter"])
+    return pos["inputs"][0], weight["inputs"][0], int(conv["attrs"]["num_filter"]), None
+
+
+def _match_deconv_form(name, pos_scaled, scaled, nodes):
+    if pos_scaled["name"] != name + "_posscale" or scaled["op"] != "Deconvolution" or scaled["name"] != name + "_scale":
+        return None
+    pos = nodes[pos_scaled["inputs"][0][0]]
+    if pos["op"] != "Activation" or pos["name"] != name + "_pos" or pos.get("attrs", {}).get("act_type") != "relu":
+        return None
+    data_e = pos["inputs"][0]
+    if scaled["inputs"][0][:2] != data_e[:2]:
+        return None
+    weight = nodes[scaled["inputs"][1][0]]
+    if weight["op"] != "Reshape" or weight["name"] != name + "_weight":
+        return None
+    return data_e, weight["inputs"][0], int(scaled["attrs"]["num_filter"]), 4
 
 
 def fuse_symbol(symbol):
@@ -204,18 +242,23 @@ def fuse_symbol(symbol):
     nodes, nouts = doc["nodes"], _num_outputs(doc)
     for i, node in enumerate(nodes):
         hidden = _hidden_attrs(node)
+        hint = hidden.pop(NDIM_HINT, None)
         if node["op"] == "LeakyReLU" and node.get("attrs", {}).get("act_type") == "prelu" and len(node["inputs"]) == 2:
             new = {"op": OP_NAME, "name": node["name"], "inputs": node["inputs"], "attrs": dict(hidden)}
             gamma = nodes[node["inputs"][1][0]]
             shape = gamma.get("attrs", {}).get("__shape__")
             if shape:
                 new["attrs"]["num_channels"] = str(int(ast.literal_eval(shape)[0]))
+            if hint is not None:
+                new["attrs"]["ndim"] = hint
             nodes[i], nouts[i] = new, 1
             continue
         match = _match_fast_prelu(i, nodes)
         if match is not None:
-            data_e, gamma_e, channels = match
-            nodes[i] = {"op": OP_NAME, "name": node["name"], "inputs": [data_e, gamma_e],
-                        "attrs": dict(hidden, num_channels=str(channels))}
+            data_e, gamma_e, channels, ndim = match
+            attrs = dict(hidden, num_channels=str(channels))
+            if hint is not None or ndim is not None:
+                attrs["ndim"] = hint if hint is not None else str(ndim)
+            nodes[i] = {"op": OP_NAME, "name": node["name"], "inputs": [data_e, gamma_e], "attrs": attrs}
             nouts[i] = 1
     return mx.sym.load_json(json.dumps(_finish(nodes, nouts, doc["heads"], doc.get("attrs"))))
