@@ -82,7 +82,7 @@ def fast_prelu(data, gamma, name, num_channels, ndim=4):
     layout, so no tensor is converted to NCHW and back. Operators without an MKLDNN kernel on that path
     (``elemwise_sub``, ``Reshape``, and any custom operator) pay a layout conversion and an allocation per call
     and per backward; measured on y1, 2 threads, batch 32 (``python -m benchmarks.bench_fused_prelu``): the
-    earlier reshape/1-D-conv graph trained at 0.35x of the ReLU net, this one at 0.6x. ``Deconvolution`` and not
+    earlier reshape/1-D-conv graph trained at 0.35x of the ReLU net, this one at 0.65x. ``Deconvolution`` and not
     ``Convolution`` because MKLDNN's inference subgraph pass fuses 2-D convolutions into operators that cache
     their weight at the first forward; a weight computed from gamma would then never be refreshed (an inference
     Module that receives new parameters with ``set_params`` would keep the old slopes). Deconvolutions are not
