@@ -6,7 +6,7 @@ JSON dialect), by this project (fast PReLU graph) or with the optional ``fused_p
 
 - :func:`rewrite_fused_prelu`: ``fused_prelu`` nodes -> ``LeakyReLU(act_type='prelu')`` on the same (data, gamma);
 - :func:`rewrite_fast_prelu`: the subgraphs of ``symbols/common.py`` ``fast_prelu`` -- the 4-D form
-  ``Deconvolution(relu(x), 1 - W) + Deconvolution(x, W)`` (W = Reshape(gamma), depthwise, kernel 1) and the
+  ``relu(x) + Deconvolution(relu(Deconvolution(x, -1)), Reshape(-gamma))`` (depthwise, kernel 1) and the
   rank-agnostic form of earlier checkpoints ``relu(x) + reshape_like(Flatten(Convolution(reshape(x - relu(x)),
   Reshape(gamma), num_group=C, kernel=(1,))), x)`` -- recognised by their structure (not by names) -> one
   ``LeakyReLU(prelu)`` named like the subgraph's output;
@@ -78,29 +78,45 @@ def _is_depthwise_unit_kernel(node, op):
             and ast.literal_eval(attrs.get("pad", "(0, 0)")) in ((0, 0), (0,), 0))
 
 
+def _is_minus_one_constant(i, nodes):
+    """Node i is ``Reshape(negative(ones_like(.)))`` (fast_prelu's -1 weight)."""
+    shape = nodes[i]
+    if shape["op"] != "Reshape":
+        return False
+    negated = nodes[shape["inputs"][0][0]]
+    return negated["op"] == "negative" and nodes[negated["inputs"][0][0]]["op"] == "ones_like"
+
+
 def _match_deconv_prelu(i, nodes, consumers):
-    """(x, gamma) for ``dw(relu(x), 1 - W) + dw(x, W)``, W = Reshape(gamma), dw a depthwise kernel-1 Deconvolution."""
+    """(x, gamma) for ``relu(x) + dw(relu(dw(x, -1)), Reshape(negative(gamma)))``, dw a depthwise kernel-1 Deconvolution
+    (``symbols/common.py`` ``fast_prelu``, 4-D form)."""
     add = nodes[i]
-    for a_e, b_e in (add["inputs"], add["inputs"][::-1]):
-        pos_scaled, scaled = nodes[a_e[0]], nodes[b_e[0]]
-        if not (_is_depthwise_unit_kernel(pos_scaled, "Deconvolution") and _is_depthwise_unit_kernel(scaled, "Deconvolution")):
-            continue
-        pos, pos_weight = nodes[pos_scaled["inputs"][0][0]], nodes[pos_scaled["inputs"][1][0]]
+    for pos_e, scaled_e in (add["inputs"], add["inputs"][::-1]):
+        pos, scaled = nodes[pos_e[0]], nodes[scaled_e[0]]
         if pos["op"] != "Activation" or _attrs(pos).get("act_type") != "relu":
             continue
+        if not _is_depthwise_unit_kernel(scaled, "Deconvolution"):
+            continue
         x = _entry(pos["inputs"][0])
-        if _entry(scaled["inputs"][0]) != x:
+        neg_id, weight_id = scaled["inputs"][0][0], scaled["inputs"][1][0]
+        neg, weight = nodes[neg_id], nodes[weight_id]
+        if neg["op"] != "Activation" or _attrs(neg).get("act_type") != "relu" or weight["op"] != "Reshape":
             continue
-        weight_id = scaled["inputs"][1][0]
-        weight = nodes[weight_id]
-        if weight["op"] != "Reshape" or pos_weight["op"] != "_rminus_scalar":
+        negate_id = neg["inputs"][0][0]
+        negate = nodes[negate_id]
+        if not _is_depthwise_unit_kernel(negate, "Deconvolution") or _entry(negate["inputs"][0]) != x:
             continue
-        if float(_attrs(pos_weight).get("scalar", "nan")) != 1.0 or pos_weight["inputs"][0][0] != weight_id:
+        const_id = negate["inputs"][1][0]
+        minus_gamma_id = weight["inputs"][0][0]
+        minus_gamma = nodes[minus_gamma_id]
+        if not _is_minus_one_constant(const_id, nodes) or minus_gamma["op"] != "negative":
             continue
-        inner = [pos_scaled["inputs"][0][0], a_e[0], b_e[0], pos_scaled["inputs"][1][0], weight_id]
+        mul_id = nodes[const_id]["inputs"][0][0]
+        ones_id = nodes[mul_id]["inputs"][0][0]
+        inner = [pos_e[0], scaled_e[0], neg_id, negate_id, weight_id, minus_gamma_id, const_id, mul_id, ones_id]
         if not _only_used_inside(inner, i, consumers):
             continue
-        return x, _entry(weight["inputs"][0])
+        return x, _entry(minus_gamma["inputs"][0])
     return None
 
 

@@ -65,45 +65,59 @@ def prelu(data, name, num_channels, fast=True, ndim=4):
 def fast_prelu(data, gamma, name, num_channels, ndim=4):
     r"""PReLU ``y = x if x > 0 else gamma_c * x`` built from operators MXNet 1.9 runs fast on CPU (MKLDNN).
 
-    ``ndim=4`` (every backbone and head): the two-term form, each per-channel product a depthwise
-    (``num_group = C``) kernel-1 ``Deconvolution``:
+    ``ndim=4`` (every backbone and head): with ``dw_w`` a depthwise (``num_group = C``) kernel-1
+    ``Deconvolution`` of weight ``w`` (C, 1, 1, 1),
 
-    .. math:: y = \mathrm{dw}_{1-\gamma}\big(\mathrm{relu}(x)\big) + \mathrm{dw}_{\gamma}(x)
+    .. math:: y = \mathrm{relu}(x) + \mathrm{dw}_{-\gamma}\big(\mathrm{relu}(\mathrm{dw}_{-1}(x))\big)
 
-    Any other rank (``ndim`` is 2 for (B, C), or None when unknown): the rank-agnostic form of earlier versions,
-    ``relu(x) + dwconv1d(reshape(x - relu(x), (B, C, -1)), gamma)`` (see :func:`_prelu_any_rank`).
+    i.e. ``relu(x) + gamma * min(x, 0)`` with ``min(x, 0) = -relu(-x)``: negation and relu are exact, so the
+    output and dL/dx are bitwise LeakyReLU's (x and g where x > 0, one rounding of gamma * x and gamma * g
+    elsewhere), and dL/dgamma_c = sum(g * min(x, 0)) is one direct sum (the weight gradient of ``dw_{-gamma}``,
+    negated). The -1 weight is a constant (``-ones_like(gamma)``, no gradient). Any other rank (``ndim`` 2 for
+    (B, C), or None when unknown): the rank-agnostic form of earlier versions, ``relu(x) + dwconv1d(reshape(x -
+    relu(x), (B, C, -1)), gamma)`` (see :func:`_prelu_any_rank`).
 
     Why: MXNet 1.9's CPU kernels for ``LeakyReLU(prelu)`` and for the backward of any broadcast op with a
     (1, C, 1, 1) operand reduce over batch and space with slow generic loops (profiled: slower than all
-    convolutions of r18 together). Depthwise (de)convolutions compute the same per-channel products with MKLDNN,
-    and their weight gradients give dL/dgamma_c = sum(g * x) - sum(g * relu(x)) = sum(g * min(x, 0)).
+    convolutions of r18 together). Depthwise (de)convolutions compute the same per-channel products with MKLDNN.
 
-    Why this 4-D form: every operator in it (Activation, Deconvolution, elemwise_add) keeps MKLDNN's blocked
-    layout, so no tensor is converted to NCHW and back. Operators without an MKLDNN kernel on that path
-    (``elemwise_sub``, ``Reshape``, and any custom operator) pay a layout conversion and an allocation per call
-    and per backward; measured on y1, 2 threads, batch 32 (``python -m benchmarks.bench_fused_prelu``): the
-    earlier reshape/1-D-conv graph trained at 0.35x of the ReLU net, this one at 0.65x. ``Deconvolution`` and not
-    ``Convolution`` because MKLDNN's inference subgraph pass fuses 2-D convolutions into operators that cache
-    their weight at the first forward; a weight computed from gamma would then never be refreshed (an inference
-    Module that receives new parameters with ``set_params`` would keep the old slopes). Deconvolutions are not
-    fused, so the slopes are always current.
+    Why this 4-D form (measured on y1, 2 threads, batch 32, ``python -m benchmarks.bench_prelu``):
 
-    Forward values and gradients equal PReLU's up to float rounding. Parameters: only ``gamma`` (C,).
+    * every operator on the activation (Activation, Deconvolution, elemwise_add) keeps MKLDNN's blocked layout.
+      Operators without an MKLDNN kernel on that path (``elemwise_sub``, ``Reshape``, any custom operator) pay
+      a conversion to NCHW and back, and an allocation, per call and per backward: the reshape/1-D-conv graph
+      trained at 0.35x of the ReLU net, this one at 0.6x;
+    * ``(1 - gamma) relu(x) + gamma x`` (one relu less, ~5% faster on y1) is not exact, and its gamma gradient
+      is the difference of two large sums: 0.5% off on some channels of a (32, 64, 56, 56) activation;
+    * ``relu(x) + dw_gamma(x + dw_-1(relu(x)))`` is exact but feeds the BatchNorm output straight into an
+      ``elemwise_add``: MXNet 1.9's MKLDNN inference pass then fuses Convolution + BatchNorm + relu into one
+      operator that also serves the add, which computes ReLU instead of PReLU (caught by
+      tests/test_prelu.py ``test_inference_module_sees_set_params_after_first_forward``);
+    * ``Deconvolution`` and not ``Convolution``: the same inference pass fuses 2-D convolutions into operators
+      that cache their weight at the first forward, so a weight computed from gamma would never be refreshed (an
+      inference Module given new parameters with ``set_params`` would keep the old slopes); deconvolutions are
+      not fused.
 
-    Returns
-    -------
-    Symbol of the shape of ``data``.
+    Parameters: only ``gamma`` (C,). Returns a Symbol of the shape of ``data``.
     """
     if ndim != 4:
         return _prelu_any_rank(data, gamma, name, num_channels)
     pos = mx.sym.Activation(data=data, act_type="relu", name=name + "_pos")
-    weight = mx.sym.reshape(gamma, shape=(num_channels, 1, 1, 1), name=name + "_weight")
-    pos_weight = mx.sym._internal._rminus_scalar(weight, scalar=1.0, name=name + "_posweight")
-    pos_scaled = mx.sym.Deconvolution(data=pos, weight=pos_weight, num_filter=num_channels, num_group=num_channels,
-                                      kernel=(1, 1), no_bias=True, name=name + "_posscale")
-    scaled = mx.sym.Deconvolution(data=data, weight=weight, num_filter=num_channels, num_group=num_channels,
+    ones = mx.sym.ones_like(gamma, name=name + "_ones")
+    # `negative`, not `_mul_scalar(-1)`: tools (and eval.import_onnx) read the network's input normalisation from its
+    # _minus_scalar/_mul_scalar nodes
+    minus_one = mx.sym.negative(ones, name=name + "_minusone")
+    # ones_like has no gradient (MXNet registers zero gradients for it), so this weight is a constant; no
+    # BlockGrad, which would also be mistaken for an output marker by tools that look for BlockGrad(fc1)
+    minus_one = mx.sym.reshape(minus_one, shape=(num_channels, 1, 1, 1), name=name + "_negweight")
+    negated = mx.sym.Deconvolution(data=data, weight=minus_one, num_filter=num_channels, num_group=num_channels,
+                                   kernel=(1, 1), no_bias=True, name=name + "_negate")
+    neg = mx.sym.Activation(data=negated, act_type="relu", name=name + "_negpart")
+    weight = mx.sym.negative(gamma, name=name + "_minusgamma")
+    weight = mx.sym.reshape(weight, shape=(num_channels, 1, 1, 1), name=name + "_weight")
+    scaled = mx.sym.Deconvolution(data=neg, weight=weight, num_filter=num_channels, num_group=num_channels,
                                   kernel=(1, 1), no_bias=True, name=name + "_scale")
-    return mx.sym.elemwise_add(pos_scaled, scaled, name=name)
+    return mx.sym.elemwise_add(pos, scaled, name=name)
 
 
 def _prelu_any_rank(data, gamma, name, num_channels):

@@ -1,4 +1,4 @@
-"""Fast PReLU equals LeakyReLU(act_type='prelu'): the 4-D form dw(relu(x), 1 - gamma) + dw(x, gamma) (dw a depthwise
+"""Fast PReLU equals LeakyReLU(act_type='prelu'): the 4-D form relu(x) + dw_-gamma(relu(dw_-1(x))) (dw a depthwise
 kernel-1 Deconvolution) and the rank-agnostic form relu(x) + dwconv1d(x - relu(x), gamma) of earlier checkpoints."""
 import json
 
@@ -33,7 +33,7 @@ def test_fast_prelu_equals_leaky_relu_prelu(shape):
     y_fast, g_fast = run(fast, arrays, out_grad)
     y_slow, g_slow = run(slow, arrays, out_grad)
     ref = np.where(x > 0, x, gamma.reshape((1, -1) + (1,) * (len(shape) - 2)) * x)
-    np.testing.assert_allclose(y_fast, ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(y_fast, ref)  # x exactly where x > 0, one float32 rounding of gamma * x elsewhere
     np.testing.assert_allclose(y_slow, ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(g_fast["data"], g_slow["data"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(g_fast["act_gamma"], g_slow["act_gamma"], rtol=1e-4, atol=1e-4)
@@ -45,17 +45,34 @@ def test_fast_prelu_equals_leaky_relu_prelu(shape):
 
 def test_fast_prelu_4d_graph_uses_only_layout_keeping_operators():
     """The 4-D form holds only operators with MKLDNN kernels that keep the blocked layout (a Reshape of gamma,
-    (C,), is the one exception and is tiny); elemwise_sub / reshape_like / Flatten on the activation would convert
+    (C,), and the constant -1 weight are the exceptions and are tiny); elemwise_sub / reshape_like / Flatten on the activation would convert
     it to NCHW and back at every call. Other ranks get the rank-agnostic form."""
     data = mx.sym.Variable("data")
     ops4 = [n["op"] for n in json.loads(prelu(data, "act", 6, fast=True).tojson())["nodes"] if n["op"] != "null"]
-    assert sorted(ops4) == ["Activation", "Deconvolution", "Deconvolution", "Reshape", "_rminus_scalar",
-                            "elemwise_add"]
+    assert sorted(ops4) == ["Activation", "Activation", "Deconvolution", "Deconvolution", "Reshape", "Reshape",
+                            "elemwise_add", "negative", "negative", "ones_like"]
     ops2 = {n["op"] for n in json.loads(prelu(data, "act", 6, fast=True, ndim=2).tojson())["nodes"]}
     assert {"Convolution", "elemwise_sub", "reshape_like"} <= ops2 and "Deconvolution" not in ops2
 
 
-def test_inference_module_sees_set_params_after_first_forward():
+def test_gradients_at_a_training_shape_match_float64():
+    """(32, 64, 56, 56), r18 stage 1 / y1 conv_1 at batch 32: dL/dx bitwise (g where x > 0, one rounding of gamma * g
+    elsewhere), dL/dgamma within float32 summation error of the float64 sum of g * min(x, 0)."""
+    rng = np.random.RandomState(5)
+    shape = (32, 64, 56, 56)
+    x = (rng.randn(*shape) + 0.5).astype(np.float32)
+    gamma = rng.uniform(-0.5, 1.0, shape[1]).astype(np.float32)
+    out_grad = rng.randn(*shape).astype(np.float32)
+    y, grads = run(prelu(mx.sym.Variable("data"), "act", shape[1], fast=True), {"data": x, "act_gamma": gamma},
+                   out_grad)
+    g4 = gamma.reshape(1, -1, 1, 1)
+    np.testing.assert_array_equal(y, np.where(x > 0, x, g4 * x))
+    np.testing.assert_array_equal(grads["data"], np.where(x > 0, out_grad, g4 * out_grad))
+    want = (out_grad.astype(np.float64) * np.minimum(x, 0)).sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(grads["act_gamma"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_module_sees_set_params_after_first_forward(monkeypatch):
     """MKLDNN's inference subgraph pass caches the weights of the 2-D convolutions it fuses at the first forward;
     the PReLU graph's per-channel products must not be such convolutions, or an inference Module given new
     parameters with set_params would keep the first slopes (checked after conv + BN, as in the networks)."""
@@ -81,6 +98,13 @@ def test_inference_module_sees_set_params_after_first_forward():
     fresh.forward(batch, is_train=False)
     assert np.abs(outputs[1] - outputs[0]).max() > 1e-2
     np.testing.assert_allclose(outputs[1], fresh.get_outputs()[0].asnumpy(), rtol=1e-5, atol=1e-5)
+    # and both are PReLU: the same graph without MKLDNN's inference fusions (which once turned it into a ReLU)
+    monkeypatch.setenv("MXNET_SUBGRAPH_BACKEND", "NONE")
+    plain = mx.mod.Module(sym, label_names=None)
+    plain.bind(data_shapes=[("data", (2, 3, 6, 6))], for_training=False)
+    plain.set_params(args, aux)
+    plain.forward(batch, is_train=False)
+    np.testing.assert_allclose(outputs[1], plain.get_outputs()[0].asnumpy(), rtol=1e-5, atol=1e-4)
 
 
 def test_fast_prelu_gamma_attrs():
@@ -150,10 +174,11 @@ def _loss_and_grads(mod, data):
 def test_network_outputs_and_gradients_equal():
     """r18 (1/8 width, batch 4, no dropout) with both formulations: same params in, same loss and gradients out.
 
-    The fast graph rounds differently from LeakyReLU ((1 - g) * x + g * x is x only up to one rounding), and this
-    tiny net in training-mode BatchNorm amplifies rounding: some gradients move by ~5% when the input moves by one
-    ulp. So each gradient must agree with LeakyReLU's within 3x the change that a one-ulp perturbation of the
-    input causes in LeakyReLU's own gradient (plus 1e-3 of its scale); a wrong formula moves them by far more.
+    The forward pass is bitwise LeakyReLU's, so the loss is equal exactly. The backward passes sum in different
+    orders, and this tiny net in training-mode BatchNorm amplifies rounding (some gradients move by ~5% when the
+    input moves by one ulp), so each gradient must agree with LeakyReLU's within 3x the change that a one-ulp
+    perturbation of the input causes in LeakyReLU's own gradient (plus 1e-3 of its scale); a wrong formula moves
+    them by far more.
     """
     slow = _module(fast=False)
     args, aux = slow.get_params()
@@ -168,7 +193,7 @@ def test_network_outputs_and_gradients_equal():
     loss_slow, grads_slow = _loss_and_grads(slow, data)
     _, grads_nudged = _loss_and_grads(_module(fast=False, params=(args, aux)), (data + ulp).astype(np.float32))
     loss_fast, grads_fast = _loss_and_grads(fast, data)
-    np.testing.assert_allclose(loss_fast, loss_slow, rtol=1e-4)
+    np.testing.assert_array_equal(loss_fast, loss_slow)
     assert set(grads_fast) == set(grads_slow)
     assert any(k.endswith("_gamma") and "relu" in k for k in grads_fast)
     for name, g in grads_slow.items():

@@ -7,9 +7,10 @@ project work):
 
 1. ``fused_prelu`` nodes (the optional C++ operator of ``symbols/ops``) -> ``LeakyReLU(act_type='prelu')`` on the
    same (data, gamma) inputs;
-2. the fast PReLU subgraphs of ``symbols/common.py`` ``fast_prelu`` (both forms: ``Deconvolution(relu(x), 1 - W)
-   + Deconvolution(x, W)`` and the earlier ``relu(x) + reshape_like(Flatten(Convolution(reshape(x - relu(x)),
-   W, kernel=(1,))), x)``, W = Reshape(gamma)) -- recognised by their structure (not by names) -> one
+2. the fast PReLU subgraphs of ``symbols/common.py`` ``fast_prelu`` (both forms: ``relu(x) +
+   Deconvolution(relu(Deconvolution(x, -1)), Reshape(-gamma))`` and the earlier ``relu(x) + reshape_like(Flatten(
+   Convolution(reshape(x - relu(x)), Reshape(gamma), kernel=(1,))), x)``) -- recognised by their structure (not by
+   names) -> one
    ``LeakyReLU(prelu)`` node with the name of the subgraph's output, so the exporter writes a plain ONNX
    ``PRelu``;
 3. ``Dropout`` -> removed (identity at inference);

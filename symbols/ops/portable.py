@@ -6,7 +6,7 @@ plain ``mx.model.load_checkpoint`` (deploy/face_model.py, recognition/eval/verif
 saved symbol must be portable. :func:`portable_json` rewrites every ``fused_prelu`` node, by editing the JSON
 (no library needed, so it also repairs an already written file):
 
-- ``mode='fast_prelu'`` (default): into the 4-D graph of :func:`symbols.common.fast_prelu` (relu + two depthwise
+- ``mode='fast_prelu'`` (default): into the 4-D graph of :func:`symbols.common.fast_prelu` (relu + depthwise
   kernel-1 deconvolutions), the project's standard PReLU (every PReLU of the registered networks acts on a
   (B, C, H, W) tensor; for a ``fused_prelu`` node on a 2-D input use ``mode='leakyrelu'``), whose gamma gradient is right (fine-tuning from the file trains correctly);
 - ``mode='leakyrelu'``: into insightface's ``LeakyReLU(act_type='prelu')`` (one node, same two inputs), for tools
@@ -189,18 +189,17 @@ def save_checkpoint(prefix, epoch, symbol, arg_params, aux_params, mode="fast_pr
 def _match_fast_prelu(i, nodes):
     """(data entry, gamma entry, C, ndim) if node i heads a fast_prelu subgraph (symbols/common.py), else None.
 
-    Both forms are recognised: the 4-D one (two depthwise ``Deconvolution`` nodes ``<name>_posscale`` and
-    ``<name>_scale``) and the rank-agnostic one of earlier checkpoints (``<name>_scaled`` = reshape_like(Flatten(
-    1-D Convolution ``<name>_scale``))).
+    Both forms are recognised: the 4-D one (``<name>_pos`` + Deconvolution ``<name>_scale`` of relu
+    ``<name>_negpart`` of Deconvolution ``<name>_negate``) and the rank-agnostic one of earlier checkpoints (``<name>_scaled`` = reshape_like(Flatten(1-D Convolution
+    ``<name>_scale``))).
     """
     node = nodes[i]
     name = node["name"]
     if node["op"] != "elemwise_add" or len(node["inputs"]) != 2:
         return None
-    first, second = (nodes[e[0]] for e in node["inputs"])
-    if first["op"] == "Deconvolution":
-        return _match_deconv_form(name, first, second, nodes)
-    pos, scaled = first, second
+    pos, scaled = (nodes[e[0]] for e in node["inputs"])
+    if scaled["op"] == "Deconvolution":
+        return _match_deconv_form(name, pos, scaled, nodes)
     if pos["op"] != "Activation" or pos["name"] != name + "_pos" or pos.get("attrs", {}).get("act_type") != "relu":
         return None
     if scaled["op"] != "reshape_like" or scaled["name"] != name + "_scaled":
@@ -215,19 +214,25 @@ def _match_fast_prelu(i, nodes):
     return pos["inputs"][0], weight["inputs"][0], int(conv["attrs"]["num_filter"]), None
 
 
-def _match_deconv_form(name, pos_scaled, scaled, nodes):
-    if pos_scaled["name"] != name + "_posscale" or scaled["op"] != "Deconvolution" or scaled["name"] != name + "_scale":
+def _match_deconv_form(name, pos, scaled, nodes):
+    if scaled["op"] != "Deconvolution" or scaled["name"] != name + "_scale":
         return None
-    pos = nodes[pos_scaled["inputs"][0][0]]
     if pos["op"] != "Activation" or pos["name"] != name + "_pos" or pos.get("attrs", {}).get("act_type") != "relu":
         return None
     data_e = pos["inputs"][0]
-    if scaled["inputs"][0][:2] != data_e[:2]:
+    neg = nodes[scaled["inputs"][0][0]]
+    if neg["op"] != "Activation" or neg["name"] != name + "_negpart":
+        return None
+    negate = nodes[neg["inputs"][0][0]]
+    if negate["op"] != "Deconvolution" or negate["name"] != name + "_negate" or negate["inputs"][0][:2] != data_e[:2]:
         return None
     weight = nodes[scaled["inputs"][1][0]]
     if weight["op"] != "Reshape" or weight["name"] != name + "_weight":
         return None
-    return data_e, weight["inputs"][0], int(scaled["attrs"]["num_filter"]), 4
+    minus_gamma = nodes[weight["inputs"][0][0]]
+    if minus_gamma["op"] != "negative" or minus_gamma["name"] != name + "_minusgamma":
+        return None
+    return data_e, minus_gamma["inputs"][0], int(scaled["attrs"]["num_filter"]), 4
 
 
 def fuse_symbol(symbol):
