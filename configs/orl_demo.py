@@ -2,7 +2,7 @@
 
 Quarter-width r18 at 32x32, 128-d embedding, ArcFace s=32 m=0.3, 400 steps of 30 images. The recipe was chosen
 on a split of the 30 TRAINING people (``python -m recognition.demo --validation-split 8``), never on the 10
-held-out people; the trials, the held-out results (seeds 0-3: 0.91-0.94 vs raw pixels 0.897) and how to
+held-out people; the trials, the held-out results (seeds 0-3: 0.897-0.932 vs raw pixels 0.897) and how to
 reproduce them are in docs/orl_demo.md.
 """
 config = {

@@ -297,6 +297,7 @@ def bgr_to_chw_float(img, out):
 
 
 __all__ = ["GRAY_COEF", "COLOR_JITTER", "ImageDecodeError", "decode_image", "resize_short", "mirror",
-           "random_mirror", "jpeg_compress", "draw_color_jitter", "color_jitter_affine", "apply_color_jitter", "color_jitter",
+           "random_mirror", "jpeg_compress", "draw_color_jitter", "color_jitter_affine", "apply_color_jitter",
+           "color_jitter",
            "draw_cutoff", "apply_cutoff", "cutoff", "to_chw_float", "decode_bgr", "bgr_to_chw_float",
            "thread_scratch"]

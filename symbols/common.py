@@ -86,7 +86,7 @@ def fast_prelu(data, gamma, name, num_channels, ndim=4):
     * every operator on the activation (Activation, Deconvolution, elemwise_add) keeps MKLDNN's blocked layout.
       Operators without an MKLDNN kernel on that path (``elemwise_sub``, ``Reshape``, any custom operator) pay
       a conversion to NCHW and back, and an allocation, per call and per backward: the reshape/1-D-conv graph
-      trained at 0.35x of the ReLU net, this one at 0.6x;
+      trained at 0.35x of the ReLU net, this one at 0.62x;
     * ``(1 - gamma) relu(x) + gamma x`` (one relu less, ~5% faster on y1) is not exact, and its gamma gradient
       is the difference of two large sums: 0.5% off on some channels of a (32, 64, 56, 56) activation;
     * ``relu(x) + dw_gamma(x + dw_-1(relu(x)))`` is exact but feeds the BatchNorm output straight into an

@@ -44,9 +44,9 @@ def test_fast_prelu_equals_leaky_relu_prelu(shape):
 
 
 def test_fast_prelu_4d_graph_uses_only_layout_keeping_operators():
-    """The 4-D form holds only operators with MKLDNN kernels that keep the blocked layout (a Reshape of gamma,
-    (C,), and the constant -1 weight are the exceptions and are tiny); elemwise_sub / reshape_like / Flatten on the activation would convert
-    it to NCHW and back at every call. Other ranks get the rank-agnostic form."""
+    """The 4-D form holds only operators with MKLDNN kernels that keep the blocked layout (the tiny ops on
+    gamma (C,) and on the constant -1 weight aside); elemwise_sub / reshape_like / Flatten on the activation would
+    convert it to NCHW and back at every call. Other ranks get the rank-agnostic form."""
     data = mx.sym.Variable("data")
     ops4 = [n["op"] for n in json.loads(prelu(data, "act", 6, fast=True).tojson())["nodes"] if n["op"] != "null"]
     assert sorted(ops4) == ["Activation", "Activation", "Deconvolution", "Deconvolution", "Reshape", "Reshape",

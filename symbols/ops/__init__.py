@@ -1,14 +1,14 @@
 """Custom C++ operators for the backbones: a fused per-channel PReLU (``fused_prelu``).
 
 insightface's activation (symbol/fresnet.py and symbol/fmobilefacenet.py ``Act``) is
-``mx.sym.LeakyReLU(act_type='prelu')``; :func:`symbols.common.fast_prelu` rebuilds it from relu and two depthwise
-1x1 deconvolutions (1.5x-4.8x faster). ``fused_prelu`` does forward and backward (dx and the true dgamma) in one
+``mx.sym.LeakyReLU(act_type='prelu')``; :func:`symbols.common.fast_prelu` rebuilds it from relu and depthwise
+1x1 deconvolutions (1.5x-4.6x faster). ``fused_prelu`` does forward and backward (dx and the true dgamma) in one
 OpenMP pass each and runs at ReLU speed on NCHW tensors; inside a network, though, MXNet 1.9 hands a library
-operator NCHW copies of MKLDNN-layout tensors (and converts its outputs back), which costs what the fusion saves:
-whole networks train no faster than with the graph (benchmarks/bench_fused_prelu.py), hence opt-in. It is compiled
-from ``fused_prelu.cc`` on first use (see :mod:`symbols.ops.build`) and loaded with ``mx.library.load``; without a
-compiler, or when the build or the load fails, or when disabled, :func:`prelu` builds the ``fast_prelu`` graph
-instead (same parameter, same numbers).
+operator NCHW copies of MKLDNN-layout tensors (and converts its outputs back), which costs most of what the
+fusion saves: whole networks train at about the graph's speed (y1 +11%, r18 -6%;
+benchmarks/bench_fused_prelu.py), hence opt-in. It is compiled from ``fused_prelu.cc`` on first use (see
+:mod:`symbols.ops.build`) and loaded with ``mx.library.load``; without a compiler, or when the build or the load
+fails, or when disabled, :func:`prelu` builds the ``fast_prelu`` graph instead (same parameter, same numbers).
 
 Public API
 ----------

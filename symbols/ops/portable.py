@@ -8,7 +8,8 @@ saved symbol must be portable. :func:`portable_json` rewrites every ``fused_prel
 
 - ``mode='fast_prelu'`` (default): into the 4-D graph of :func:`symbols.common.fast_prelu` (relu + depthwise
   kernel-1 deconvolutions), the project's standard PReLU (every PReLU of the registered networks acts on a
-  (B, C, H, W) tensor; for a ``fused_prelu`` node on a 2-D input use ``mode='leakyrelu'``), whose gamma gradient is right (fine-tuning from the file trains correctly);
+  (B, C, H, W) tensor; a ``fused_prelu`` node without its ``ndim`` attribute gets the rank-agnostic form),
+  whose gamma gradient is right (fine-tuning from the file trains correctly);
 - ``mode='leakyrelu'``: into insightface's ``LeakyReLU(act_type='prelu')`` (one node, same two inputs), for tools
   that expect insightface's exact graph; its gamma gradient is wrong after a Convolution in MXNet 1.9.1, so
   prefer ``fast_prelu`` for anything that trains.
@@ -190,8 +191,8 @@ def _match_fast_prelu(i, nodes):
     """(data entry, gamma entry, C, ndim) if node i heads a fast_prelu subgraph (symbols/common.py), else None.
 
     Both forms are recognised: the 4-D one (``<name>_pos`` + Deconvolution ``<name>_scale`` of relu
-    ``<name>_negpart`` of Deconvolution ``<name>_negate``) and the rank-agnostic one of earlier checkpoints (``<name>_scaled`` = reshape_like(Flatten(1-D Convolution
-    ``<name>_scale``))).
+    ``<name>_negpart`` of Deconvolution ``<name>_negate``) and the rank-agnostic one of earlier checkpoints
+    (``<name>_scaled`` = reshape_like(Flatten(1-D Convolution ``<name>_scale``))).
     """
     node = nodes[i]
     name = node["name"]
