@@ -126,7 +126,11 @@ def draw_color_jitter(rng, brightness=COLOR_JITTER, contrast=COLOR_JITTER, satur
     if jpeg and rng.integers(0, 2) == 1:
         quality = int(rng.integers(JPEG_QUALITY_RANGE[0], JPEG_QUALITY_RANGE[1] + 1))
     ranges = np.array([brightness, contrast, saturation], dtype=np.float64)
-    alpha = 1.0 + rng.uniform(-ranges, ranges)
+    # rng.uniform(-ranges, ranges), spelled as Generator.uniform computes it (low + (high - low) * next_double): the
+    # same numbers from the same stream, without uniform's array-broadcasting set-up (11 us of the iterator's main
+    # thread per image, half of all its draws)
+    low = -ranges
+    alpha = 1.0 + (low + (ranges - low) * rng.random(3))
     return {"order": rng.permutation(3), "alpha": alpha, "quality": quality}
 
 

@@ -209,6 +209,25 @@ def test_color_jitter_matches_mxnet_augmenters(op, aug_cls):
     np.testing.assert_allclose(augment.apply_color_jitter(img.copy(), params), ref, rtol=1e-5, atol=1e-3)
 
 
+def test_draw_color_jitter_keeps_numpys_uniform_stream():
+    """draw_color_jitter's alphas are bitwise those of Generator.uniform(-r, r) from the same stream (the spelled-out
+    form is only faster), and the generator ends in the same state."""
+    for seed in range(50):
+        rng, ref = np.random.default_rng(seed), np.random.default_rng(seed)
+        for _ in range(20):
+            drawn = augment.draw_color_jitter(rng, brightness=0.125, contrast=0.3, saturation=1e-3, jpeg=True)
+            quality = None
+            if ref.integers(0, 2) == 1:
+                quality = int(ref.integers(2, 21))
+            ranges = np.array([0.125, 0.3, 1e-3])
+            alpha = 1.0 + ref.uniform(-ranges, ranges)
+            order = ref.permutation(3)
+            assert drawn["quality"] == quality
+            np.testing.assert_array_equal(drawn["alpha"], alpha)
+            np.testing.assert_array_equal(drawn["order"], order)
+        assert rng.bit_generator.state == ref.bit_generator.state
+
+
 def test_color_jitter_formulas_and_draws():
     img = np.array([[[10, 20, 30], [200, 100, 0]]], np.uint8)
     x = img.astype(np.float64)
