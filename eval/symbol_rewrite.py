@@ -88,8 +88,8 @@ def _is_minus_one_constant(i, nodes):
 
 
 def _match_deconv_prelu(i, nodes, consumers):
-    """(x, gamma) for ``relu(x) + dw(relu(dw(x, -1)), Reshape(negative(gamma)))``, dw a depthwise kernel-1 Deconvolution
-    (``symbols/common.py`` ``fast_prelu``, 4-D form)."""
+    """(x, gamma) for ``relu(x) + dw(relu(dw(x, -1)), Reshape(negative(gamma)))``, dw a depthwise kernel-1
+    Deconvolution (``symbols/common.py`` ``fast_prelu``, 4-D form)."""
     add = nodes[i]
     for pos_e, scaled_e in (add["inputs"], add["inputs"][::-1]):
         pos, scaled = nodes[pos_e[0]], nodes[scaled_e[0]]
@@ -111,9 +111,9 @@ def _match_deconv_prelu(i, nodes, consumers):
         minus_gamma = nodes[minus_gamma_id]
         if not _is_minus_one_constant(const_id, nodes) or minus_gamma["op"] != "negative":
             continue
-        mul_id = nodes[const_id]["inputs"][0][0]
-        ones_id = nodes[mul_id]["inputs"][0][0]
-        inner = [pos_e[0], scaled_e[0], neg_id, negate_id, weight_id, minus_gamma_id, const_id, mul_id, ones_id]
+        minus_one_id = nodes[const_id]["inputs"][0][0]
+        ones_id = nodes[minus_one_id]["inputs"][0][0]
+        inner = [pos_e[0], scaled_e[0], neg_id, negate_id, weight_id, minus_gamma_id, const_id, minus_one_id, ones_id]
         if not _only_used_inside(inner, i, consumers):
             continue
         return x, _entry(minus_gamma["inputs"][0])
