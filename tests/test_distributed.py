@@ -9,6 +9,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -455,7 +456,9 @@ def test_killed_horovod_rank_ends_the_job(e2e_data, tmp_path):
     code, elapsed, text = _kill_rank1(argv, lambda env: env.get("HOROVOD_RANK") == "1", tmp_path)
     print(f"horovod: job ended {elapsed:.1f} s after rank 1 was killed")
     assert code != 0 and elapsed < 90
-    assert "Process name: 1" in text and "Exit code: 137" in text
+    # horovodrun names the first process it saw fail: usually the killed rank 1 (137 = SIGKILL), but rank 0 can
+    # lose its Gloo peer and exit 1 first (seen on a CI run); either way the job ends as one failure
+    assert re.search(r"Process name: 1\nExit code: 137\b|Process name: 0\nExit code: 1\b", text), text[-2000:]
 
 
 @pytest.mark.slow
